@@ -1,0 +1,40 @@
+# nfsplice: `make setup` once (as root: Debian packages and .venv), then `make lab`, `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := nftables iptables libnetfilter-queue-dev tcpdump iproute2 gcc python3-dev
+
+.PHONY: setup apt venv lab test unit bench cleanup clean
+
+setup: apt venv
+
+apt:
+	@if ! command -v nft >/dev/null || ! test -e /usr/include/libnetfilter_queue/libnetfilter_queue.h || ! command -v tcpdump >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench,netfilterqueue]'
+	touch $@
+
+# The lab with a spliced L4 proxy and a transfer through it (see netns_lab/demo.py).
+lab: setup
+	$(PY) -m netns_lab.demo
+
+test: setup
+	$(PY) -m pytest -q -ra tests
+
+unit: venv
+	$(PY) -m pytest -q -m 'not root' tests
+
+bench: setup
+	apt-get install -y -qq haproxy nginx libnginx-mod-stream >/dev/null
+	$(PY) -m netns_lab.bench
+
+cleanup: venv
+	$(PY) -m nfsplice cleanup
+
+clean:
+	rm -rf $(VENV) build *.egg-info

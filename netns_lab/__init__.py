@@ -1,0 +1,1 @@
+"""The nfsplice lab: three network namespaces joined by veth pairs (see topology)."""
