@@ -230,6 +230,22 @@ def rewrite(v: TCPView, tr: Translation, full_checksum: bool) -> None:
     _U16.pack_into(b, t + 16, c)
 
 
+def ack_only(v: TCPView) -> bytearray:
+    """A copy of V's headers as a pure ACK: no payload, FIN/PSH/URG cleared, same
+    sequence, acknowledgement, window and options; checksums computed in full."""
+    b = v.buf
+    t = v.t
+    out = bytearray(b[:v.payload_off])
+    struct.pack_into("!H", out, 2, len(out))
+    out[t + 13] = v.flags & ~(FIN | PSH | URG)
+    out[t + 18] = out[t + 19] = 0     # urgent pointer
+    out[10] = out[11] = 0
+    _U16.pack_into(out, 10, checksum.ip_header(out[:t]))
+    _U16.pack_into(out, t + 16, checksum.full_tcp(bytes(out[12:16]), bytes(out[16:20]),
+                                                  memoryview(out)[t:], 16))
+    return out
+
+
 def build(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int,
           window: int = 65535, options: bytes = b"", payload: bytes = b"", ttl: int = 64,
           ident: int = 0) -> bytearray:

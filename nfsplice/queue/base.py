@@ -30,4 +30,5 @@ class QueuedPacket:
     csum_partial: bool = False
     gso: bool = False
     truncated: bool = False
+    mark: int = 0
     handle: object = None

@@ -98,6 +98,7 @@ class NetlinkQueue:
         except OSError:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.bind((0, 0))
+        self._timeout = None
         self.buf = bytearray(RECV_BUF)
         self.view = memoryview(self.buf)
         try:
@@ -146,10 +147,15 @@ class NetlinkQueue:
         return self.sock.fileno()
 
     # -- packets ------------------------------------------------------------------------
-    def receive(self) -> list[QueuedPacket]:
-        """Block for one datagram; return the packets in it (views into our buffer)."""
+    def receive(self, timeout: float | None = None) -> list[QueuedPacket]:
+        """Wait up to TIMEOUT for one datagram; return its packets (views into our buffer)."""
+        if timeout != self._timeout:
+            self.sock.settimeout(timeout)
+            self._timeout = timeout
         try:
             n = self.sock.recv_into(self.buf)
+        except TimeoutError:
+            return []
         except OSError as e:
             if e.errno == errno.ENOBUFS:
                 # The socket buffer overflowed: the kernel dropped (or, fail-open,
@@ -179,6 +185,7 @@ class NetlinkQueue:
         payload = None
         skb_info = 0
         cap_len = None
+        mark = 0
         while a + 4 <= end:
             alen, atype = NLA_HDR.unpack_from(view, a)
             if alen < 4:
@@ -190,6 +197,8 @@ class NetlinkQueue:
                 payload = view[a + 4:a + alen]
             elif atype == NFQA_SKB_INFO:
                 skb_info = _U32BE.unpack_from(view, a + 4)[0]
+            elif atype == NFQA_MARK:
+                mark = _U32BE.unpack_from(view, a + 4)[0]
             elif atype == NFQA_CAP_LEN:
                 cap_len = _U32BE.unpack_from(view, a + 4)[0]
             a += (alen + 3) & ~3
@@ -200,7 +209,7 @@ class NetlinkQueue:
         return QueuedPacket(pid, hook, payload,
                             csum_partial=bool(skb_info & NFQA_SKB_CSUMNOTREADY),
                             gso=bool(skb_info & NFQA_SKB_GSO),
-                            truncated=cap_len is not None and cap_len > len(payload))
+                            truncated=cap_len is not None and cap_len > len(payload), mark=mark)
 
     def verdict(self, pkt: QueuedPacket, verdict: int, payload=None) -> None:
         """Send the one verdict PKT gets; PAYLOAD (bytes-like) replaces the packet."""

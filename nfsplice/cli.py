@@ -1,0 +1,150 @@
+"""nfsplice command line: tcp, probe, stats, cleanup, replay.
+
+Run through ./nfsplice-launch (root, sudo) or `python -m nfsplice` as root.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+log = logging.getLogger("nfsplice")
+
+
+class UsageError(Exception):
+    pass
+
+
+def hostport(value: str, option: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        raise UsageError(f"{option}: expected ADDRESS:PORT, got {value!r}")
+    try:
+        ip = ipaddress.IPv4Address(host)
+    except ValueError:
+        raise UsageError(f"{option}: {host!r} is not an IPv4 address (nfsplice splices IPv4 only)") from None
+    if ip.is_unspecified:
+        raise UsageError(f"{option}: give a concrete address, not {host} (the rules match it)")
+    try:
+        p = int(port)
+    except ValueError:
+        raise UsageError(f"{option}: port {port!r} is not a number") from None
+    if not 0 < p < 65536:
+        raise UsageError(f"{option}: port {p} out of range 1-65535")
+    return str(ip), p
+
+
+def port_range(value: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in value.split("-", 1))
+    except ValueError:
+        raise UsageError(f"--ports: expected LOW-HIGH, got {value!r}") from None
+    if not (1024 <= lo <= hi < 65536):
+        raise UsageError(f"--ports: {value} is not a range within 1024-65535")
+    return lo, hi
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nfsplice", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("tcp", help="L4 proxy: every connection spliced to the upstream at once")
+    t.add_argument("--listen", required=True, help="ADDRESS:PORT to accept clients on")
+    t.add_argument("--upstream", required=True, help="ADDRESS:PORT of the origin")
+    t.add_argument("--source", help="source address for upstream connections (default: the route's)")
+    t.add_argument("--ports", default="61000-62999", help="source ports for upstream connections "
+                   "(outside the ephemeral range; the rules match them) [%(default)s]")
+    t.add_argument("--queue", type=int, default=0, help="NFQUEUE number [%(default)s]")
+    t.add_argument("--backend", choices=("netlink", "netfilterqueue"), default="netlink")
+    t.add_argument("--no-gso", action="store_true", help="do not ask for GSO packets (slow; for comparison)")
+    t.add_argument("--fail-open", action="store_true",
+                   help="accept packets when the queue is full or nfsplice is gone, instead of dropping")
+    t.add_argument("--tap-dir", help="store every spliced payload here (TCP Tap)")
+    t.add_argument("--linger", type=float, default=2.0, help="seconds a closed pair is kept [%(default)s]")
+    t.add_argument("--idle-timeout", type=float, default=300.0, help="forget idle pairs after [%(default)s] s")
+    t.add_argument("--handoff-timeout", type=float, default=5.0)
+    t.add_argument("--max-connections", type=int, default=4096)
+    t.add_argument("--instance", help="name for rules and stats [listen address]")
+    t.add_argument("--ready-file", help="touched once the proxy accepts connections")
+    t.add_argument("--set-sysctls", action="store_true",
+                   help="set ip_forward, accept_local and rp_filter as splicing needs, restore on exit")
+
+    sub.add_parser("probe", help="which kernel features are there and what is missing")
+    s = sub.add_parser("stats", help="counters of running (or last) instances")
+    s.add_argument("--instance")
+    c = sub.add_parser("cleanup", help="remove rules left by killed runs")
+    c.add_argument("--all", action="store_true", help="also those of running instances")
+    r = sub.add_parser("replay", help="run a pcap through the rewrite code offline")
+    r.add_argument("pcap")
+    r.add_argument("--out", required=True, help="pcap of the rewritten packets")
+    r.add_argument("--pairs", help="JSON file describing the pairs and their splice points "
+                   "(default: learned from the capture)")
+    r.add_argument("--summary", action="store_true", help="print one line per packet")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="nfsplice: %(message)s")
+        if args.command == "tcp":
+            from .service import run_tcp
+            return run_tcp(args)
+        if args.command == "probe":
+            from .probe import probe
+            return probe()
+        if args.command == "stats":
+            return cmd_stats(args)
+        if args.command == "cleanup":
+            return cmd_cleanup(args)
+        if args.command == "replay":
+            from .replay import cmd_replay
+            return cmd_replay(args)
+    except UsageError as e:
+        print(f"nfsplice: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def cmd_stats(args) -> int:
+    from .runner import STATS_DIR
+    try:
+        names = sorted(f for f in os.listdir(STATS_DIR) if f.endswith(".json"))
+    except FileNotFoundError:
+        names = []
+    if args.instance:
+        names = [n for n in names if n[:-5] == args.instance]
+    if not names:
+        print("nfsplice: no instance has written stats (is one running? see /run/nfsplice)", file=sys.stderr)
+        return 1
+    for n in names:
+        with open(os.path.join(STATS_DIR, n)) as f:
+            st = json.load(f)
+        alive = os.path.exists(f"/proc/{st.get('pid')}")
+        print(f"== {st.get('instance')} (pid {st.get('pid')}, {'running' if alive else 'exited'})")
+        for k in sorted(st):
+            if k not in ("instance", "pid"):
+                print(f"{k:36} {st[k]}")
+    return 0
+
+
+def cmd_cleanup(args) -> int:
+    from . import rules
+    removed = rules.cleanup(all_instances=args.all)
+    for ent in removed:
+        print(f"removed {ent['chain']} (instance {ent.get('instance')}, pid {ent.get('pid')})")
+    left = [e for e in rules.installed_instances()]
+    for ent in left:
+        print(f"kept {ent['chain']} of running instance {ent.get('instance')} (pid {ent.get('pid')}); --all removes it")
+    if not removed and not left:
+        print("no nfsplice rules installed")
+    return 0

@@ -1,0 +1,480 @@
+"""The splicing engine: connection pairs, their states, and the per-packet decision.
+
+One rewrite path (STYLE.md): `Engine.process()` takes the bytes of one packet and its
+queue metadata and returns a `Decision`; it never does I/O.  The live queue loop
+(runner.py), pcap replay (replay.py), the tests and the benchmarks all call it.
+
+A pair joins a client's connection to the proxy (A) with the proxy's connection to
+the origin (B).  Direction C2S is client -> origin, S2C origin -> client.  States:
+
+    HANDOFF  the proxy application still owns both sockets and is draining them.
+             Packets of the pair carrying payload, FIN or RST are held (copied and
+             kept, no verdict yet), so nothing new reaches the sockets; pure ACKs pass
+             so the sockets' send queues can drain.
+    SPLICED  every packet of the pair is rewritten to the other connection and
+             accepted; the proxy sockets are frozen (TCP_REPAIR) and anything they
+             still try to send is dropped.  Held packets are released first, in order.
+    CLOSING  both directions finished (each FIN acknowledged) or a RST passed; the
+             pair lingers to translate retransmissions, then is forgotten.
+
+Packets the engine cannot parse are counted under `malformed.<reason>` and accepted
+unchanged (they are not ours to judge: the stack drops what is really broken);
+packets of flows no pair owns are accepted unchanged (`unknown_flow`).
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+import struct
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from . import packet, seq
+from .packet import ACK, FIN, RST, SYN, Malformed, TCPView, Translation
+from .queue.base import HOOK_LOCAL_OUT
+
+C2S, S2C = 0, 1
+INJECT_MARK = 0x6E730001   # skb mark of the pure ACKs the engine injects ("ns" 1)
+DIRECTION_NAMES = ("c2s", "s2c")
+_TS = struct.Struct("!II")
+_PKT_NAMES = ("packets.c2s", "packets.s2c")
+_BYTE_NAMES = ("bytes.c2s", "bytes.s2c")
+
+
+class Decision(enum.IntEnum):
+    ACCEPT = 0     # accept unchanged
+    MANGLE = 1     # accept with the rewritten bytes
+    DROP = 2
+    HOLD = 3       # kept by the engine; its verdict comes later from release lists
+
+
+
+class State(enum.IntEnum):
+    HANDOFF = 0
+    SPLICED = 1
+    CLOSING = 2
+    DONE = 3
+
+
+def flow_key(src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
+    return src + dst + struct.pack("!HH", sport, dport)
+
+
+@dataclass
+class Endpoint:
+    ip: bytes
+    port: int
+
+
+@dataclass
+class SocketState:
+    """What the proxy read off one frozen socket (TCP_REPAIR, TCP_QUEUE_SEQ, TCP_INFO)."""
+    snd_seq: int          # write_seq: the next sequence number this socket would send
+    rcv_seq: int          # rcv_nxt: the next sequence number it expects
+    snd_wscale: int = 0   # shift the peer applies... to windows it sends us (tcpi_snd_wscale)
+    rcv_wscale: int = 0   # shift we announced (tcpi_rcv_wscale)
+    timestamps: bool = False
+    ts_now: int = 0       # TCP_TIMESTAMP: the TSval it would send now
+    sack: bool = False
+
+
+@dataclass
+class Held:
+    handle: object
+    buf: bytearray
+    csum_partial: bool
+    direction: int
+
+
+@dataclass
+class Pair:
+    client: Endpoint
+    proxy_a: Endpoint     # the proxy's side of connection A (listen address)
+    proxy_b: Endpoint     # the proxy's side of connection B (its source address)
+    server: Endpoint
+    id: int = 0
+    state: State = State.HANDOFF
+    tr: list = field(default_factory=lambda: [None, None])
+    held: list = field(default_factory=list)
+    fin_seq: list = field(default_factory=lambda: [None, None])   # in the sender's space
+    fin_acked: list = field(default_factory=lambda: [False, False])
+    tsval: list = field(default_factory=lambda: [None, None])      # last TSval seen per side
+    syn: list = field(default_factory=lambda: [None, None])        # SynOptions per side
+    tap: list = field(default_factory=lambda: [None, None])
+    tap_base: list = field(default_factory=lambda: [(0, 0), (0, 0)])  # (seq, stream offset)
+    packets: list = field(default_factory=lambda: [0, 0])
+    bytes: list = field(default_factory=lambda: [0, 0])
+    reset: bool = False
+    created: float = 0.0
+    last_seen: float = 0.0
+    closing_since: float | None = None
+    owner: object = None  # the proxy's handle (its sockets), given back on forget
+
+    def in_keys(self) -> tuple[bytes, ...]:
+        """Keys of packets arriving at the proxy: from the client, from the server."""
+        if self.server is None:   # embryonic: only the client's side is known yet
+            return (flow_key(self.client.ip, self.proxy_a.ip, self.client.port, self.proxy_a.port),)
+        return (flow_key(self.client.ip, self.proxy_a.ip, self.client.port, self.proxy_a.port),
+                flow_key(self.server.ip, self.proxy_b.ip, self.server.port, self.proxy_b.port))
+
+    def out_keys(self) -> tuple[bytes, ...]:
+        """Keys of packets the proxy's own sockets send."""
+        if self.server is None:
+            return ()
+        return (flow_key(self.proxy_a.ip, self.client.ip, self.proxy_a.port, self.client.port),
+                flow_key(self.proxy_b.ip, self.server.ip, self.proxy_b.port, self.server.port))
+
+    def describe(self) -> str:
+        ip = lambda e: ".".join(map(str, e.ip)) + f":{e.port}" if e else "?"  # noqa: E731
+        return (f"pair {self.id} {ip(self.client)}>{ip(self.proxy_a)} "
+                f"~ {ip(self.proxy_b)}>{ip(self.server)}")
+
+
+class Counters(defaultdict):
+    def __init__(self):
+        super().__init__(int)
+
+
+@dataclass
+class _SynRecord:
+    options: packet.SynOptions
+    tsval: int | None
+    seen: float
+
+
+class Engine:
+    """Pair table and per-packet decisions.  Not thread-safe: callers hold `runner.lock`."""
+
+    def __init__(self, tap=None, *, linger: float = 2.0, idle_timeout: float = 300.0,
+                 handoff_timeout: float = 10.0, clock=time.monotonic):
+        self.flows: dict[bytes, tuple[Pair, int]] = {}
+        self.out_flows: dict[bytes, Pair] = {}
+        self.syns: dict[bytes, _SynRecord] = {}
+        self.pairs: dict[int, Pair] = {}
+        self.counters = Counters()
+        self.tap = tap
+        self.linger = linger
+        self.idle_timeout = idle_timeout
+        self.handoff_timeout = handoff_timeout
+        self.clock = clock
+        self._ids = itertools.count(1)
+        self.forgotten: list[Pair] = []   # pairs forgotten since the caller last looked
+        self.injected: list[bytearray] = []  # packets for the caller to send (pure ACKs)
+        self.listeners: set[bytes] = set()    # (ip, port) of the L4 proxy: pairs start at SYN
+
+    # -- the per-packet path ----------------------------------------------------------------
+    def process(self, buf: memoryview, *, hook: int = 0, csum_partial: bool = False,
+                truncated: bool = False, mark: int = 0, handle: object = None,
+                now: float | None = None) -> Decision:
+        """Decide what happens to one queued packet; rewrite BUF in place for MANGLE.
+
+        HOLD means the engine copied the packet and will return it from `splice()` or
+        `abort()` or `tick()`; BUF itself may be reused by the caller at once."""
+        c = self.counters
+        try:
+            v = TCPView(buf)
+        except Malformed as e:
+            c["malformed." + e.reason] += 1
+            return Decision.ACCEPT
+        key = v.key()
+        if hook == HOOK_LOCAL_OUT:
+            pair = self.out_flows.get(key)
+            if pair is not None and pair.state >= State.SPLICED:
+                # A frozen proxy socket must be silent; this is the safety net.
+                c["dropped.proxy_socket"] += 1
+                return Decision.DROP
+            return Decision.ACCEPT
+        ent = self.flows.get(key)
+        if ent is None:
+            if v.flags & SYN and not v.flags & ACK and key[4:8] + key[10:12] in self.listeners:
+                self._prepair(key, v, now)
+                return Decision.ACCEPT
+            c["unknown_flow"] += 1
+            if v.flags & SYN or key in self.syns:
+                self._note_handshake(key, v, now)
+            return Decision.ACCEPT
+        pair, d = ent
+        if mark == INJECT_MARK:
+            # One of our own pure ACKs coming back: for the proxy socket while the pair
+            # is being handed off, nobody's once it is spliced.
+            if pair.state == State.HANDOFF:
+                return Decision.ACCEPT
+            c["dropped.late_injected"] += 1
+            return Decision.DROP
+        pair.last_seen = self.clock() if now is None else now
+        if pair.state == State.HANDOFF:
+            return self._handoff(pair, d, v, buf, csum_partial, handle)
+        if truncated:
+            # The kernel copied only part of it; re-setting the payload would cut the
+            # packet.  Dropped: TCP retransmits it (in smaller pieces, usually).
+            c["dropped.truncated"] += 1
+            return Decision.DROP
+        try:
+            self._forward(pair, d, v, csum_partial)
+        except Malformed as e:
+            c["malformed." + e.reason] += 1
+            c["dropped.malformed_spliced"] += 1
+            return Decision.DROP
+        return Decision.MANGLE
+
+    def _handoff(self, pair: Pair, d: int, v: TCPView, buf, csum_partial: bool, handle) -> Decision:
+        """A packet of a pair whose sockets still belong to the proxy application.
+
+        Payload and FIN are held, so no new byte reaches a socket that is about to be
+        frozen.  The socket still needs the acknowledgement the packet carries (its
+        send queue must drain, and a lost final handshake ACK leaves a connection
+        unaccepted until the first data segment completes it), so a copy stripped to a
+        pure ACK goes on.  RST is only held; SYNs pass (the proxy's connect needs them)."""
+        c = self.counters
+        flags = v.flags
+        if flags & SYN:
+            try:
+                pair.syn[d] = packet.syn_options(v)
+            except Malformed as e:
+                c["malformed." + e.reason] += 1
+            ts = _tsval(v)
+            if ts is not None:
+                pair.tsval[d] = ts
+            return Decision.ACCEPT
+        ts = _tsval(v)
+        if ts is not None:
+            pair.tsval[d] = ts
+        if not (v.payload_len or flags & (FIN | RST)):
+            return Decision.ACCEPT
+        pair.held.append(Held(handle, bytearray(buf), csum_partial, d))
+        c["held"] += 1
+        if flags & ACK and not flags & RST:
+            self.injected.append(packet.ack_only(v))
+            c["injected.ack"] += 1
+        return Decision.HOLD
+
+    def _forward(self, pair: Pair, d: int, v: TCPView, csum_partial: bool) -> None:
+        tr: Translation = pair.tr[d]
+        flags = v.flags
+        plen = v.payload_len
+        if plen:
+            tap = pair.tap[d]
+            if tap is not None:
+                base_seq, base_off = pair.tap_base[d]
+                off = seq.diff(v.seq, base_seq)
+                payload = v.payload()
+                if off < 0:   # a retransmission reaching back before the splice point
+                    payload = payload[-off:]
+                    off = 0
+                if len(payload):
+                    self.tap.write(tap, base_off + off, payload)
+        if flags & RST:
+            pair.reset = True
+            self.counters["rst_translated"] += 1
+            self._closing(pair)
+        if flags & FIN:
+            pair.fin_seq[d] = seq.add(v.seq, plen)
+        o = 1 - d
+        if flags & ACK and pair.fin_seq[o] is not None and not pair.fin_acked[o]:
+            # The ack is in this side's view of the other's sequence space; translated it
+            # is in the other sender's own space, where its FIN was recorded.
+            if seq.gt(seq.add(v.ack, tr.ack_delta), pair.fin_seq[o]):
+                pair.fin_acked[o] = True
+                if pair.fin_acked[d]:
+                    self._closing(pair)
+        packet.rewrite(v, tr, csum_partial)
+        self.counters["checksum.full" if csum_partial else "checksum.incremental"] += 1
+        pair.packets[d] += 1
+        pair.bytes[d] += plen
+        c = self.counters
+        c[_PKT_NAMES[d]] += 1
+        c[_BYTE_NAMES[d]] += plen
+
+    def _closing(self, pair: Pair) -> None:
+        if pair.state < State.CLOSING:
+            pair.state = State.CLOSING
+            pair.closing_since = pair.last_seen
+
+    def _note_handshake(self, key: bytes, v: TCPView, now: float | None) -> None:
+        try:
+            if v.flags & SYN:
+                self.syns[key] = _SynRecord(packet.syn_options(v), _tsval(v),
+                                            self.clock() if now is None else now)
+            else:
+                ts = _tsval(v)
+                if ts is not None:
+                    self.syns[key].tsval = ts
+        except Malformed as e:
+            self.counters["malformed." + e.reason] += 1
+
+    def _prepair(self, key: bytes, v: TCPView, now: float | None) -> None:
+        """A SYN to the L4 listener: hold the client's payload from its first byte, so the
+        proxy socket never receives any and the hand-off has nothing to drain."""
+        now = self.clock() if now is None else now
+        client = Endpoint(key[0:4], struct.unpack("!H", key[8:10])[0])
+        listen = Endpoint(key[4:8], struct.unpack("!H", key[10:12])[0])
+        pre = Pair(client, listen, None, None, id=next(self._ids), created=now, last_seen=now)
+        try:
+            pre.syn[C2S] = packet.syn_options(v)
+        except Malformed as e:
+            self.counters["malformed." + e.reason] += 1
+        pre.tsval[C2S] = _tsval(v)
+        self.flows[key] = (pre, C2S)
+        self.pairs[pre.id] = pre
+        self.counters["pairs.embryonic"] += 1
+
+    # -- pairs: called by the proxy (through the runner) -----------------------------------
+    def register(self, pair: Pair, now: float | None = None) -> Pair:
+        """Start the hand-off: from now on the pair's payload packets are held.
+
+        If the engine already holds the client's side since its SYN (L4 listener), the
+        embryonic pair's held packets and handshake facts move over to PAIR."""
+        now = self.clock() if now is None else now
+        pair.id = next(self._ids)
+        pair.state = State.HANDOFF
+        pair.created = pair.last_seen = now
+        pre = self.flows.get(pair.in_keys()[C2S])
+        if pre is not None and pre[0].server is None:
+            pre = pre[0]
+            pair.held, pair.syn[C2S], pair.tsval[C2S] = pre.held, pre.syn[C2S], pre.tsval[C2S]
+            pair.created = pre.created
+            del self.flows[pair.in_keys()[C2S]]
+            self.pairs.pop(pre.id, None)
+        for d, key in enumerate(pair.in_keys()):
+            other = self.flows.get(key)
+            if other is not None:
+                raise ValueError(f"{pair.describe()}: flow already owned by pair {other[0].id}")
+            rec = self.syns.pop(key, None)
+            if rec is not None:
+                pair.syn[d] = rec.options
+                pair.tsval[d] = rec.tsval
+        for d, key in enumerate(pair.in_keys()):
+            self.flows[key] = (pair, d)
+        for key in pair.out_keys():
+            self.out_flows[key] = pair
+        self.pairs[pair.id] = pair
+        if self.tap is not None:
+            for d in (C2S, S2C):
+                pair.tap[d] = self.tap.open(f"pair-{pair.id}-{DIRECTION_NAMES[d]}",
+                                            {"pair": pair.id, "direction": DIRECTION_NAMES[d],
+                                             "flow": pair.describe()})
+        self.counters["pairs.registered"] += 1
+        return pair
+
+    def splice(self, pair: Pair, a: SocketState, b: SocketState, *, copied=(0, 0),
+               finished=(False, False)) -> list[tuple[object, Decision, bytearray]]:
+        """Finish the hand-off with the frozen sockets' numbers; return the held packets'
+        verdicts (in arrival order).  COPIED: bytes the proxy moved itself per direction
+        before the splice; FINISHED: directions whose FIN the proxy already passed on."""
+        if pair.state != State.HANDOFF:
+            raise ValueError(f"{pair.describe()}: splice in state {pair.state.name}")
+        ts_on = a.timestamps and b.timestamps
+        if a.timestamps != b.timestamps:
+            self.counters["pairs.timestamps_mismatch"] += 1
+        # S2C: origin -> client, re-sent as if from the proxy's socket A.
+        s2c_ts = seq.diff(seq.add(a.ts_now, 1), pair.tsval[S2C] or 0) if ts_on else 0
+        c2s_ts = seq.diff(seq.add(b.ts_now, 1), pair.tsval[C2S] or 0) if ts_on else 0
+        pair.tr[C2S] = Translation(
+            pair.proxy_b.ip, pair.server.ip, pair.proxy_b.port, pair.server.port,
+            seq_delta=seq.diff(b.snd_seq, a.rcv_seq), ack_delta=seq.diff(b.rcv_seq, a.snd_seq),
+            win_shift_in=a.snd_wscale, win_shift_out=b.rcv_wscale,
+            tsval_delta=c2s_ts, tsecr_delta=-s2c_ts)
+        pair.tr[S2C] = Translation(
+            pair.proxy_a.ip, pair.client.ip, pair.proxy_a.port, pair.client.port,
+            seq_delta=seq.diff(a.snd_seq, b.rcv_seq), ack_delta=seq.diff(a.rcv_seq, b.snd_seq),
+            win_shift_in=b.snd_wscale, win_shift_out=a.rcv_wscale,
+            tsval_delta=s2c_ts, tsecr_delta=-c2s_ts)
+        # Stream offsets for the tap: the receiving proxy socket's rcv_nxt is where the
+        # spliced bytes start; the proxy itself moved `copied` bytes before that.
+        # A FIN the socket already took occupies one sequence number but no stream byte.
+        pair.tap_base[C2S] = (a.rcv_seq, copied[C2S] + (1 if finished[C2S] else 0))
+        pair.tap_base[S2C] = (b.rcv_seq, copied[S2C] + (1 if finished[S2C] else 0))
+        for d, done in enumerate(finished):
+            if done:
+                rcv = a.rcv_seq if d == C2S else b.rcv_seq
+                pair.fin_seq[d] = seq.add(rcv, -1)
+                pair.fin_acked[d] = True
+        pair.state = State.SPLICED
+        self.counters["pairs.spliced"] += 1
+        if finished[C2S] and finished[S2C]:
+            self._closing(pair)
+        return self._release(pair, rewrite=True)
+
+    def abort(self, pair: Pair, reason: str) -> list[tuple[object, Decision, bytearray]]:
+        """Give the pair back to the proxy (no splice): held packets go on unchanged."""
+        self.counters["pairs.fallback." + reason] += 1
+        out = self._release(pair, rewrite=False)
+        self._forget(pair, reason=None)
+        return out
+
+    def _release(self, pair: Pair, rewrite: bool) -> list[tuple[object, Decision, bytearray]]:
+        out = []
+        held, pair.held = pair.held, []
+        for h in held:
+            if not rewrite:
+                out.append((h.handle, Decision.ACCEPT, h.buf))
+                continue
+            v = TCPView(memoryview(h.buf))
+            self._forward(pair, h.direction, v, h.csum_partial)
+            out.append((h.handle, Decision.MANGLE, h.buf))
+        self.counters["released"] += len(held)
+        return out
+
+    def tick(self, now: float | None = None) -> list[tuple[object, Decision, bytearray]]:
+        """Timers: forget pairs that lingered or idled out, expire handshake records.
+        Returns verdicts for packets of pairs whose hand-off timed out."""
+        now = self.clock() if now is None else now
+        out = []
+        for pair in list(self.pairs.values()):
+            if pair.state == State.HANDOFF:
+                if now - pair.created > self.handoff_timeout:
+                    out += self.abort(pair, "handoff_timeout")
+            elif pair.state == State.CLOSING:
+                if now - (pair.closing_since or now) >= self.linger:
+                    self._forget(pair, "closed" if not pair.reset else "reset")
+            elif now - pair.last_seen > self.idle_timeout:
+                self._forget(pair, "idle_timeout")
+        if self.syns:
+            stale = [k for k, r in self.syns.items() if now - r.seen > 60.0]
+            for k in stale:
+                del self.syns[k]
+        return out
+
+    def _forget(self, pair: Pair, reason: str | None) -> None:
+        for key in pair.in_keys():
+            if self.flows.get(key, (None,))[0] is pair:
+                del self.flows[key]
+        for key in pair.out_keys():
+            if self.out_flows.get(key) is pair:
+                del self.out_flows[key]
+        self.pairs.pop(pair.id, None)
+        if reason is not None:
+            self.counters["pairs.done." + reason] += 1
+        if self.tap is not None:
+            for d in (C2S, S2C):
+                stream = pair.tap[d]
+                if stream is not None:
+                    self.tap.close(stream, self.stream_length(pair, d))
+        pair.state = State.DONE
+        if reason is not None:   # an aborted hand-off stays with the proxy that owns it
+            self.forgotten.append(pair)
+
+    @staticmethod
+    def stream_length(pair: Pair, d: int) -> int | None:
+        """Bytes in direction D from the first byte to the FIN (None: no FIN seen)."""
+        if pair.fin_seq[d] is None or pair.reset and not pair.fin_acked[d]:
+            return None
+        base_seq, base_off = pair.tap_base[d]
+        return base_off + seq.diff(pair.fin_seq[d], base_seq)
+
+    def stats(self) -> dict:
+        out = dict(self.counters)
+        out["pairs.active"] = len(self.pairs)
+        out["pairs.handoff"] = sum(1 for p in self.pairs.values() if p.state == State.HANDOFF)
+        out["held.now"] = sum(len(p.held) for p in self.pairs.values())
+        return out
+
+
+def _tsval(v: TCPView) -> int | None:
+    if v.doff <= 20:
+        return None
+    o = v.options().get(packet.OPT_TIMESTAMP)
+    if o is None:
+        return None
+    return _TS.unpack_from(v.buf, o + 2)[0]

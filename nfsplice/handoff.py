@@ -1,0 +1,93 @@
+"""The socket side of the hand-off: drain, freeze and silence the proxy's sockets.
+
+Contract (DESIGN.md "Hand-off"): when `freeze()` is called, the caller has registered
+the pair with the engine (so no new payload reaches the sockets), read everything the
+sockets had received and written it on, and seen both send queues acknowledged
+(`quiescent()`).  TCP_REPAIR (root) then silences the socket: no ACKs, window updates,
+retransmissions, FIN or RST of its own, also when it is closed.  TCP_QUEUE_SEQ gives the
+exact next send and receive sequence numbers, TCP_INFO both window-scale factors and
+TCP_TIMESTAMP the TSval the socket would send now.
+"""
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+
+from .engine import SocketState
+
+# include/uapi/linux/tcp.h
+TCP_REPAIR = 19
+TCP_REPAIR_QUEUE = 20
+TCP_QUEUE_SEQ = 21
+TCP_TIMESTAMP = 24
+TCP_RECV_QUEUE = 1
+TCP_SEND_QUEUE = 2
+TCPI_OPT_TIMESTAMPS = 1
+TCPI_OPT_SACK = 2
+TCPI_OPT_WSCALE = 4
+# include/uapi/asm-generic/ioctls.h, linux/sockios.h
+SIOCINQ = 0x541B    # FIONREAD: bytes not yet read
+SIOCOUTQ = 0x5411   # TIOCOUTQ: bytes (and FIN) sent but not yet acknowledged
+
+_INT = struct.Struct("i")
+
+
+def inq(sock: socket.socket) -> int:
+    return _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCINQ, b"\0\0\0\0"))[0]
+
+
+def outq(sock: socket.socket) -> int:
+    return _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
+
+
+def tcp_info(sock: socket.socket) -> tuple[int, int, int]:
+    """(tcpi_options, tcpi_snd_wscale, tcpi_rcv_wscale) of struct tcp_info."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    options = info[5]
+    ws = info[6]      # __u8 tcpi_snd_wscale : 4, tcpi_rcv_wscale : 4 (little-endian bitfield)
+    return options, ws & 0x0F, ws >> 4
+
+
+def freeze(sock: socket.socket) -> SocketState:
+    """Put SOCK in repair mode and read its state.  Needs CAP_NET_ADMIN."""
+    options, snd_ws, rcv_ws = tcp_info(sock)
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+    snd = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+    rcv = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
+    ts_on = bool(options & TCPI_OPT_TIMESTAMPS)
+    ts_now = sock.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP) & 0xFFFFFFFF if ts_on else 0
+    if not options & TCPI_OPT_WSCALE:
+        snd_ws = rcv_ws = 0
+    return SocketState(snd, rcv, snd_ws, rcv_ws, ts_on, ts_now, bool(options & TCPI_OPT_SACK))
+
+
+def close_silently(sock: socket.socket) -> None:
+    """Close a frozen socket: in repair mode the kernel sends nothing for it."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+    except OSError:
+        pass
+    sock.close()
+
+
+def repair_available() -> str | None:
+    """None if TCP_REPAIR works here, else why not (for `nfsplice probe`)."""
+    lst = socket.socket()
+    try:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        c = socket.create_connection(lst.getsockname(), timeout=2)
+        s, _ = lst.accept()
+        try:
+            freeze(s)
+            close_silently(s)
+        except OSError as e:
+            return f"TCP_REPAIR refused ({e.strerror}): needs root (CAP_NET_ADMIN)"
+        finally:
+            c.close()
+        return None
+    finally:
+        lst.close()

@@ -1,0 +1,1 @@
+"""Proxy applications that hand their connections to the splicing engine."""

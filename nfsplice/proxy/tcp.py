@@ -1,0 +1,240 @@
+"""The L4 splicing proxy (`nfsplice tcp`).
+
+Every accepted connection is paired with a new upstream connection and spliced both
+ways at once: after the two handshakes no payload passes through a proxy socket.
+
+Per connection (a short-lived thread):
+  1. accept: the engine has held the client's payload since its SYN (embryonic pair);
+  2. bind an upstream socket to a port of our range, register the pair (the engine now
+     also holds the origin's payload), connect;
+  3. drain: normally nothing to do; bytes that reached a socket anyway (e.g. the engine
+     started after the client) are copied across and into the tap, and both send
+     queues must be acknowledged;
+  4. freeze both sockets (TCP_REPAIR) and splice; the engine releases what it held.
+When the engine forgets the pair, both sockets are closed silently.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import select
+import socket
+import threading
+import time
+
+from .. import handoff
+from ..engine import C2S, S2C, Endpoint, Pair
+
+log = logging.getLogger("nfsplice.tcp")
+
+
+class HandoffError(Exception):
+    pass
+
+
+def _ip(addr: str) -> bytes:
+    return socket.inet_aton(addr)
+
+
+class TCPSpliceProxy:
+    def __init__(self, runner, listen: tuple[str, int], upstream: tuple[str, int], *,
+                 source: str | None = None, ports: tuple[int, int] = (61000, 62999),
+                 handoff_timeout: float = 5.0, connect_timeout: float = 5.0,
+                 max_connections: int = 4096, backlog: int = 1024):
+        self.runner = runner
+        self.engine = runner.engine
+        self.listen = listen
+        self.upstream = upstream
+        self.source = source or "0.0.0.0"
+        self.ports = ports
+        self.handoff_timeout = handoff_timeout
+        self.connect_timeout = connect_timeout
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.backlog = backlog
+        self.ports_in_use: set[int] = set()
+        self.port_lock = threading.Lock()
+        self._port_iter = itertools.cycle(range(ports[0], ports[1] + 1))
+        self.counters = runner.engine.counters
+        self.lsock: socket.socket | None = None
+        runner.on_forget = self.forget
+
+    # -- listening ----------------------------------------------------------------------
+    def open(self) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(self.listen)
+        s.listen(self.backlog)
+        self.lsock = s
+        with self.runner.lock:
+            self.engine.listeners.add(_ip(self.listen[0]) + self.listen[1].to_bytes(2, "big"))
+
+    def serve(self, stop: threading.Event) -> None:
+        assert self.lsock is not None
+        while not stop.is_set():
+            r, _, _ = select.select([self.lsock], [], [], 0.2)
+            if not r:
+                continue
+            try:
+                csock, caddr = self.lsock.accept()
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    self.counters["proxy.accept_emfile"] += 1
+                    time.sleep(0.05)
+                continue
+            if not self.slots.acquire(blocking=False):
+                self.counters["proxy.refused_max_connections"] += 1
+                csock.close()
+                continue
+            self.counters["proxy.accepted"] += 1
+            threading.Thread(target=self._connection, args=(csock, caddr), daemon=True).start()
+
+    # -- one connection -----------------------------------------------------------------
+    def _upstream_socket(self) -> tuple[socket.socket, int]:
+        with self.port_lock:
+            for _ in range(self.ports[1] - self.ports[0] + 1):
+                port = next(self._port_iter)
+                if port in self.ports_in_use:
+                    continue
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((self.source, port))
+                except OSError:
+                    s.close()
+                    continue
+                self.ports_in_use.add(port)
+                return s, port
+        raise HandoffError("no free source port in the upstream port range")
+
+    def _release_port(self, port: int) -> None:
+        with self.port_lock:
+            self.ports_in_use.discard(port)
+
+    def _connection(self, csock: socket.socket, caddr) -> None:
+        pair = None
+        usock = None
+        port = None
+        try:
+            usock, port = self._upstream_socket()
+            # The source address is known only after routing; the pair must be
+            # registered before the SYN-ACK can carry payload behind it, so the route's
+            # preferred source is looked up with a throw-away UDP connect.
+            src_ip = self.source if self.source != "0.0.0.0" else _route_source(self.upstream[0])
+            lip, lport = csock.getsockname()
+            pair = Pair(Endpoint(_ip(caddr[0]), caddr[1]), Endpoint(_ip(lip), lport),
+                        Endpoint(_ip(src_ip), port), Endpoint(_ip(self.upstream[0]), self.upstream[1]))
+            pair.owner = (csock, usock, port)
+            self.runner.register(pair)
+            usock.settimeout(self.connect_timeout)
+            try:
+                usock.connect(self.upstream)
+            except OSError as e:
+                raise HandoffError(f"upstream {self.upstream[0]}:{self.upstream[1]}: {e.strerror or e}") from None
+            if usock.getsockname()[0] != src_ip:
+                raise HandoffError(f"upstream socket got source {usock.getsockname()[0]}, expected {src_ip}")
+            copied, finished = self._drain(pair, csock, usock)
+            if finished[C2S] and finished[S2C]:
+                # Nothing left to splice: the proxy carried the whole exchange itself.
+                self.runner.abort(pair, "closed_before_splice")
+                csock.close()
+                usock.close()
+                self._release_port(port)
+                self.slots.release()
+                return
+            a = handoff.freeze(csock)
+            b = handoff.freeze(usock)
+            self.runner.splice(pair, a, b, copied=copied, finished=finished)
+            self.counters["proxy.spliced"] += 1
+        except (HandoffError, OSError, ValueError) as e:
+            # ValueError: the engine gave up on the hand-off (timeout) before we finished.
+            reason = "upstream_failed" if "upstream" in str(e) else "handoff_failed"
+            self.counters["proxy." + reason] += 1
+            log.warning("%s: %s", pair.describe() if pair else f"client {caddr[0]}:{caddr[1]}", e)
+            if pair is not None and pair.state == 0:
+                self.runner.abort(pair, reason)
+            _abort(csock)
+            if usock is not None:
+                _abort(usock)
+            if port is not None:
+                self._release_port(port)
+            self.slots.release()
+
+    def _drain(self, pair: Pair, csock: socket.socket, usock: socket.socket):
+        """Move what already reached the sockets across, until both are quiescent.
+
+        Returns (copied bytes, FIN passed on) per direction."""
+        copied = [0, 0]
+        finished = [False, False]
+        ends = ((csock, usock), (usock, csock))
+        tap = self.engine.tap
+        deadline = time.monotonic() + self.handoff_timeout
+        for s in (csock, usock):
+            s.setblocking(False)
+        while True:
+            moved = False
+            for d, (src, dst) in enumerate(ends):
+                if finished[d]:
+                    continue
+                try:
+                    data = src.recv(1 << 16)
+                except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    raise HandoffError("connection reset during hand-off") from None
+                moved = True
+                if not data:
+                    finished[d] = True
+                    dst.shutdown(socket.SHUT_WR)
+                    continue
+                if tap is not None and pair.tap[d] is not None:
+                    tap.write(pair.tap[d], copied[d], data)
+                dst.settimeout(max(0.1, deadline - time.monotonic()))
+                dst.sendall(data)
+                dst.setblocking(False)
+                copied[d] += len(data)
+            if moved:
+                self.counters["proxy.drained_rounds"] += 1
+                continue
+            if all(handoff.outq(s) == 0 and handoff.inq(s) == 0 for s in (csock, usock)):
+                if copied[C2S] or copied[S2C]:
+                    self.counters["proxy.drained_bytes"] += copied[C2S] + copied[S2C]
+                return copied, finished
+            if time.monotonic() > deadline:
+                raise HandoffError(f"sockets not quiescent after {self.handoff_timeout}s "
+                                   f"(unacknowledged {handoff.outq(csock)}/{handoff.outq(usock)} bytes)")
+            select.select([s for d, (s, _) in enumerate(ends) if not finished[d]], [], [], 0.005)
+
+    def forget(self, pair: Pair) -> None:
+        """The engine is done with PAIR: close its frozen sockets without a sound."""
+        if pair.owner is None:
+            return
+        csock, usock, port = pair.owner
+        pair.owner = None
+        handoff.close_silently(csock)
+        handoff.close_silently(usock)
+        self._release_port(port)
+        self.slots.release()
+
+    def close(self) -> None:
+        if self.lsock is not None:
+            self.lsock.close()
+            self.lsock = None
+
+
+def _abort(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0): the peer must not take a truncated stream for whole."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    except OSError:
+        pass
+    sock.close()
+
+
+def _route_source(dst: str) -> str:
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.connect((dst, 9))
+        return u.getsockname()[0]
+    finally:
+        u.close()
