@@ -140,6 +140,16 @@ class Lab:
                  f"  meta l4proto tcp numgen random mod 100 < {int(percent)} counter drop\n }}\n}}\n")
         self.run(ns, "nft", "-f", "-", input=rules.encode())
 
+    def veths(self) -> list[tuple[str, str]]:
+        p = self.prefix
+        return [(self.client, f"{p}-c0"), (self.proxy, f"{p}-p0"), (self.proxy, f"{p}-p1"), (self.origin, f"{p}-o0")]
+
+    def set_segmentation(self, mss_sized: bool) -> None:
+        """mss_sized: the veths send MSS-sized packets (gso_max_segs 1), so injected loss
+        hits single segments rather than whole 64 KiB GSO bursts; False restores GSO."""
+        for ns, dev in self.veths():
+            self.ip(ns, "link", "set", "dev", dev, "gso_max_segs", "1" if mss_sized else "65535")
+
     def loss_drops(self, ns: str) -> int:
         """Packets the loss rule of NS dropped so far."""
         out = self.run(ns, "nft", "list", "table", "inet", LOSS_TABLE, check=False).stdout.decode()

@@ -183,6 +183,7 @@ class Engine:
             if pair is not None and pair.state >= State.SPLICED:
                 # A frozen proxy socket must be silent; this is the safety net.
                 c["dropped.proxy_socket"] += 1
+                c[f"dropped.proxy_socket.flags_{v.flags:#04x}.len_{min(v.payload_len, 1)}"] += 1
                 return Decision.DROP
             return Decision.ACCEPT
         ent = self.flows.get(key)

@@ -116,6 +116,7 @@ class TCPSpliceProxy:
         usock = None
         port = None
         try:
+            t0 = time.monotonic()
             usock, port = self._upstream_socket()
             # The source address is known only after routing; the pair must be
             # registered before the SYN-ACK can carry payload behind it, so the route's
@@ -146,6 +147,10 @@ class TCPSpliceProxy:
             b = handoff.freeze(usock)
             self.runner.splice(pair, a, b, copied=copied, finished=finished)
             self.counters["proxy.spliced"] += 1
+            ms = int((time.monotonic() - t0) * 1000)
+            self.counters["proxy.handoff_ms_total"] += ms
+            if ms > self.counters["proxy.handoff_ms_max"]:
+                self.counters["proxy.handoff_ms_max"] = ms
         except (HandoffError, OSError, ValueError) as e:
             # ValueError: the engine gave up on the hand-off (timeout) before we finished.
             reason = "upstream_failed" if "upstream" in str(e) else "handoff_failed"
