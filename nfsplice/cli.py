@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-connections", type=int, default=4096)
     t.add_argument("--instance", help="name for rules and stats [listen address]")
     t.add_argument("--ready-file", help="touched once the proxy accepts connections")
+    t.add_argument("--pairs-log", help="append one JSON line per splice (pair, socket numbers) for replay")
     t.add_argument("--set-sysctls", action="store_true",
                    help="set ip_forward, accept_local and rp_filter as splicing needs, restore on exit")
 

@@ -162,6 +162,7 @@ class Engine:
         self.forgotten: list[Pair] = []   # pairs forgotten since the caller last looked
         self.injected: list[bytearray] = []  # packets for the caller to send (pure ACKs)
         self.listeners: set[bytes] = set()    # (ip, port) of the L4 proxy: pairs start at SYN
+        self.splice_log = None                # called with splice_record() at every splice
 
     # -- the per-packet path ----------------------------------------------------------------
     def process(self, buf: memoryview, *, hook: int = 0, csum_partial: bool = False,
@@ -393,6 +394,8 @@ class Engine:
                 pair.fin_acked[d] = True
         pair.state = State.SPLICED
         self.counters["pairs.spliced"] += 1
+        if self.splice_log is not None:
+            self.splice_log(splice_record(pair, a, b, copied, finished))
         if finished[C2S] and finished[S2C]:
             self._closing(pair)
         return self._release(pair, rewrite=True)
@@ -470,6 +473,30 @@ class Engine:
         out["pairs.handoff"] = sum(1 for p in self.pairs.values() if p.state == State.HANDOFF)
         out["held.now"] = sum(len(p.held) for p in self.pairs.values())
         return out
+
+
+def _endpoint_str(e: Endpoint) -> str:
+    return ".".join(map(str, e.ip)) + f":{e.port}"
+
+
+def endpoint_from_str(text: str) -> Endpoint:
+    host, _, port = text.rpartition(":")
+    return Endpoint(bytes(int(x) for x in host.split(".")), int(port))
+
+
+def splice_record(pair: Pair, a: SocketState, b: SocketState, copied, finished) -> dict:
+    """Everything `splice()` used, as JSON-able data: replay and tests rebuild the exact
+    translation from it (`pair_from_record`)."""
+    return {"pair": pair.id, "client": _endpoint_str(pair.client), "proxy_a": _endpoint_str(pair.proxy_a),
+            "proxy_b": _endpoint_str(pair.proxy_b), "server": _endpoint_str(pair.server),
+            "a": a.__dict__.copy(), "b": b.__dict__.copy(), "copied": list(copied),
+            "finished": list(finished), "tsval": list(pair.tsval), "time": time.time()}
+
+
+def pair_from_record(rec: dict) -> tuple[Pair, SocketState, SocketState]:
+    pair = Pair(endpoint_from_str(rec["client"]), endpoint_from_str(rec["proxy_a"]),
+                endpoint_from_str(rec["proxy_b"]), endpoint_from_str(rec["server"]))
+    return pair, SocketState(**rec["a"]), SocketState(**rec["b"])
 
 
 def _tsval(v: TCPView) -> int | None:

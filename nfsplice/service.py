@@ -106,6 +106,10 @@ def run_tcp(args) -> int:
     engine = Engine(tap, linger=args.linger, idle_timeout=args.idle_timeout,
                     handoff_timeout=args.handoff_timeout * 2)
     runner = Runner(backend, engine, instance=instance)
+    if args.pairs_log:
+        import json
+        pairs_log = open(args.pairs_log, "a", buffering=1)
+        engine.splice_log = lambda rec: pairs_log.write(json.dumps(rec) + "\n")
     from .proxy.tcp import TCPSpliceProxy
     proxy = TCPSpliceProxy(runner, listen, upstream, source=args.source, ports=ports,
                            handoff_timeout=args.handoff_timeout, max_connections=args.max_connections)
