@@ -28,12 +28,16 @@ def _fold(s: int) -> int:
 def ones_sum(data, start: int = 0) -> int:
     """One's complement sum of DATA as big-endian 16-bit words (odd length padded)."""
     n = len(data)
-    if n < 64:
+    if n < 256:
+        # 2**16 == 1 (mod 0xFFFF): the big integer's residue is the end-around-carry sum,
+        # except that a non-zero sum of 0xFFFF comes out as 0.
+        v = int.from_bytes(data, "big")
         if n & 1:
-            data = bytes(data) + b"\0"
-            n += 1
-        s = start + sum(struct.unpack(f"!{n // 2}H", data))
-        return _fold(s)
+            v <<= 8
+        s = v % 0xFFFF
+        if s == 0 and v:
+            s = 0xFFFF
+        return _fold(s + start) if start else s
     # Bulk: native 32-bit words summed in 64 bits; the fold of little-endian words
     # is the byte-swapped fold of big-endian ones (RFC 1071, byte order independence).
     body = n & ~3
@@ -50,9 +54,10 @@ def ones_sum(data, start: int = 0) -> int:
 
 
 def ip_header(hdr) -> int:
-    """The IPv4 header checksum for HDR whose checksum field is zero (or is skipped)."""
-    b = bytes(hdr)
-    s = ones_sum(b[:10] + b[12:])
+    """The IPv4 header checksum of HDR, its checksum field (bytes 10-11) ignored."""
+    s = ones_sum(hdr)
+    old = (hdr[10] << 8) | hdr[11]
+    s = _fold(s + ((~old) & 0xFFFF)) if old else s
     return (~s) & 0xFFFF
 
 

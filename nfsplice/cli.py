@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ports", default="61000-62999", help="source ports for upstream connections "
                    "(outside the ephemeral range; the rules match them) [%(default)s]")
     t.add_argument("--queue", type=int, default=0, help="NFQUEUE number [%(default)s]")
+    t.add_argument("--queues", type=int, choices=(1, 2), default=2,
+                   help="queue threads (QUEUE, QUEUE+1): flows are spread over them by hash [%(default)s]")
     t.add_argument("--backend", choices=("netlink", "netfilterqueue"), default="netlink")
     t.add_argument("--no-gso", action="store_true", help="do not ask for GSO packets (slow; for comparison)")
     t.add_argument("--fail-open", action="store_true",

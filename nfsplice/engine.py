@@ -174,7 +174,7 @@ class Engine:
         `abort()` or `tick()`; BUF itself may be reused by the caller at once."""
         c = self.counters
         try:
-            v = TCPView(buf)
+            v = TCPView(buf, truncated)
         except Malformed as e:
             c["malformed." + e.reason] += 1
             return Decision.ACCEPT
@@ -205,13 +205,14 @@ class Engine:
             c["dropped.late_injected"] += 1
             return Decision.DROP
         pair.last_seen = self.clock() if now is None else now
-        if pair.state == State.HANDOFF:
-            return self._handoff(pair, d, v, buf, csum_partial, handle)
         if truncated:
-            # The kernel copied only part of it; re-setting the payload would cut the
-            # packet.  Dropped: TCP retransmits it (in smaller pieces, usually).
+            # The kernel copied only part of it: re-setting the payload would cut the
+            # packet, and holding a part would lose the rest.  Dropped: TCP retransmits
+            # it (in smaller pieces, usually).
             c["dropped.truncated"] += 1
             return Decision.DROP
+        if pair.state == State.HANDOFF:
+            return self._handoff(pair, d, v, buf, csum_partial, handle)
         try:
             self._forward(pair, d, v, csum_partial)
         except Malformed as e:

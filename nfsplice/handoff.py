@@ -83,11 +83,13 @@ def repair_available() -> str | None:
         s, _ = lst.accept()
         try:
             freeze(s)
-            close_silently(s)
         except OSError as e:
             return f"TCP_REPAIR refused ({e.strerror}): needs root (CAP_NET_ADMIN)"
         finally:
+            close_silently(s)
             c.close()
         return None
+    except OSError as e:
+        return f"cannot test TCP_REPAIR over loopback: {e.strerror or e}"
     finally:
         lst.close()

@@ -32,6 +32,9 @@ _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _TS = struct.Struct("!II")
 _MASK32 = 0xFFFFFFFF
+_NOP_NOP_TS = bytes([OPT_NOP, OPT_NOP, OPT_TIMESTAMP, 10])
+# Options whose length is fixed (RFC 9293, RFC 7323, RFC 2018).
+_FIXED_LENGTH = {OPT_MSS: 4, OPT_WSCALE: 3, OPT_SACK_PERM: 2, OPT_TIMESTAMP: 10}
 
 
 class Malformed(ValueError):
@@ -51,7 +54,7 @@ class TCPView:
     __slots__ = ("buf", "t", "doff", "sport", "dport", "seq", "ack", "flags", "window",
                  "payload_off", "payload_len")
 
-    def __init__(self, buf: memoryview):
+    def __init__(self, buf: memoryview, truncated: bool = False):
         n = len(buf)
         if n < 20:
             raise Malformed("truncated", f"{n} bytes")
@@ -64,7 +67,9 @@ class TCPView:
         if buf[9] != IPPROTO_TCP:
             raise Malformed("not-tcp", f"protocol {buf[9]}")
         total = (buf[2] << 8) | buf[3]
-        if total != n:
+        if total != n and not (truncated and total > n):
+            # (A packet the queue copied only in part is longer than the buffer; it is
+            # parsed so that it can be attributed, never rewritten.)
             raise Malformed("bad-length", f"total length {total}, packet {n}")
         if ((buf[6] << 8) | buf[7]) & 0x3FFF:
             raise Malformed("fragment")
@@ -95,10 +100,11 @@ class TCPView:
         return bytes(self.buf[16:20])
 
     def key(self) -> bytes:
-        """(src addr, dst addr, sport, dport) as 12 bytes: the flow-table key."""
-        b = self.buf
-        t = self.t
-        return bytes(b[12:20]) + bytes(b[t:t + 4])
+        """(src addr, dst addr, sport, dport) as 12 bytes: the flow-table key.
+
+        The TCP header follows the 20-byte IP header directly (IP options are refused),
+        so the four fields are contiguous."""
+        return bytes(self.buf[12:24])
 
     def seg_len(self) -> int:
         """Sequence space the segment occupies (payload, plus one for SYN and FIN)."""
@@ -127,8 +133,9 @@ def parse_options(buf, start: int, end: int) -> dict[int, int]:
         length = buf[i + 1]
         if length < 2 or i + length > end:
             raise Malformed("bad-tcp-options", f"option {kind} length {length}")
-        if kind == OPT_TIMESTAMP and length != 10:
-            raise Malformed("bad-tcp-options", f"timestamp length {length}")
+        fixed = _FIXED_LENGTH.get(kind)
+        if fixed is not None and length != fixed:
+            raise Malformed("bad-tcp-options", f"option {kind} length {length}, must be {fixed}")
         if kind == OPT_SACK and (length - 2) % 8:
             raise Malformed("bad-tcp-options", f"SACK length {length}")
         out[kind] = i
@@ -197,10 +204,18 @@ def convert_window(window: int, shift_in: int, shift_out: int) -> int:
 def rewrite(v: TCPView, tr: Translation, full_checksum: bool) -> None:
     """Apply TR to the packet in V's buffer, in place, checksums included."""
     b = v.buf
-    t = v.t
+    t = v.t                      # always 20: IP options are refused by TCPView
     hdr_end = v.payload_off
+    opts = None
+    if hdr_end > t + 20:
+        # Parsed before anything is written, so a bad option leaves the packet untouched.
+        if hdr_end == t + 32 and b[t + 20:t + 24] == _NOP_NOP_TS:
+            opts = {OPT_TIMESTAMP: t + 22}    # the layout Linux always sends
+        else:
+            opts = parse_options(b, t + 20, hdr_end)
     if not full_checksum:
-        old = bytes(b[12:20]) + bytes(b[t:hdr_end])
+        # Addresses (pseudo-header) and the TCP header are contiguous: bytes 12..hdr_end.
+        old = bytes(b[12:hdr_end])
         old_check = _U16.unpack_from(b, t + 16)[0]
     b[12:16] = tr.src
     b[16:20] = tr.dst
@@ -208,8 +223,7 @@ def rewrite(v: TCPView, tr: Translation, full_checksum: bool) -> None:
                              (v.seq + tr.seq_delta) & _MASK32, (v.ack + tr.ack_delta) & _MASK32)
     if tr.win_shift_in != tr.win_shift_out and not v.flags & SYN:
         _U16.pack_into(b, t + 14, convert_window(v.window, tr.win_shift_in, tr.win_shift_out))
-    if hdr_end > t + 20:
-        opts = parse_options(b, t + 20, hdr_end)
+    if opts:
         o = opts.get(OPT_TIMESTAMP)
         if o is not None:
             tsval, tsecr = _TS.unpack_from(b, o + 2)
@@ -220,13 +234,11 @@ def rewrite(v: TCPView, tr: Translation, full_checksum: bool) -> None:
             for e in range(o + 2, o + b[o + 1], 4):
                 _U32.pack_into(b, e, (_U32.unpack_from(b, e)[0] + tr.ack_delta) & _MASK32)
     # IPv4 header checksum, recomputed over the 20 bytes.
-    b[10] = b[11] = 0
     _U16.pack_into(b, 10, checksum.ip_header(b[:t]))
     if full_checksum:
         c = checksum.full_tcp(tr.src, tr.dst, b[t:], 16)
     else:
-        new = bytes(b[12:20]) + bytes(b[t:hdr_end])
-        c = checksum.incremental(old_check, old, new)
+        c = checksum.incremental(old_check, old, bytes(b[12:hdr_end]))
     _U16.pack_into(b, t + 16, c)
 
 

@@ -1,8 +1,15 @@
-"""The live loop: one queue backend feeding the engine, verdicts back to the kernel.
+"""The live loop: queue backends feeding the engine, verdicts back to the kernel.
 
-The runner owns the lock that serialises the engine between the queue thread and the
-proxy's hand-off threads, and is the only place verdicts are sent: every queued packet
-gets exactly one, whatever happens (a packet the engine holds gets it on release).
+One thread per queue; the kernel spreads flows over the queues by hash (a flow's
+packets stay in one queue, in order).  The runner owns the lock that serialises the engine between those threads
+and the proxy's hand-off threads; the lock covers the engine's decision only, not the
+verdict: a verdict with a payload makes the kernel forward the packet (and often run the
+receiver's TCP) inside our sendmsg(), about 100 us for a 64 KiB packet, which two
+threads can do at once on two cores while the GIL is released.
+
+It is the only place verdicts are sent: every queued packet gets exactly one, whatever
+happens (a packet the engine holds gets it on release).  Per queue, verdicts leave in
+the order the packets were decided, so a direction is never reordered.
 """
 from __future__ import annotations
 
@@ -20,9 +27,10 @@ SO_MARK = 36
 
 
 class Runner:
-    def __init__(self, backend, engine: Engine, *, instance: str = "nfsplice",
+    def __init__(self, backends, engine: Engine, *, instance: str = "nfsplice",
                  on_forget=None, stats_interval: float = 1.0, stats_dir: str = STATS_DIR):
-        self.backend = backend
+        self.backends = list(backends) if isinstance(backends, (list, tuple)) else [backends]
+        self.backend = self.backends[0]
         self.engine = engine
         self.instance = instance
         self.on_forget = on_forget
@@ -32,18 +40,18 @@ class Runner:
         self.stats_path = os.path.join(stats_dir, f"{instance}.json")
         self.started = time.time()
         self.verdict_errors = 0
-        self.thread: threading.Thread | None = None
         self.raw: socket.socket | None = None
 
     # -- verdicts ------------------------------------------------------------------------
     def _send(self, pkt, decision: Decision, buf=None) -> None:
+        backend = pkt.source
         try:
             if decision == Decision.MANGLE:
-                self.backend.verdict(pkt, ACCEPT, buf if buf is not None else pkt.buf)
+                backend.verdict(pkt, ACCEPT, buf if buf is not None else pkt.buf)
             elif decision == Decision.DROP:
-                self.backend.verdict(pkt, DROP)
+                backend.verdict(pkt, DROP)
             else:
-                self.backend.verdict(pkt, ACCEPT)
+                backend.verdict(pkt, ACCEPT)
         except OSError:
             # The packet is gone from the kernel's queue (e.g. the queue was flushed);
             # nothing else to do for it, but it is counted.
@@ -66,33 +74,63 @@ class Runner:
 
     # -- the queue thread ----------------------------------------------------------------
     def start(self) -> None:
-        self.thread = threading.Thread(target=self.run, name="nfsplice-queue", daemon=True)
-        self.thread.start()
+        self.threads = []
+        for i, backend in enumerate(self.backends):
+            t = threading.Thread(target=self.run, args=(backend, i == 0), name=f"nfsplice-queue{i}", daemon=True)
+            t.start()
+            self.threads.append(t)
 
-    def run(self) -> None:
+    def run(self, backend=None, timers: bool = True) -> None:
+        backend = backend or self.backend
+        prof_path = os.environ.get("NFSPLICE_PROFILE")
+        if prof_path:   # a developer's tool: cProfile of the queue thread, dumped at stop
+            import cProfile
+            prof = cProfile.Profile()
+            prof.enable()
+            try:
+                self._loop(backend, timers)
+            finally:
+                prof.disable()
+                prof.dump_stats(f"{prof_path}.{backend.queue_num}")
+        else:
+            self._loop(backend, timers)
+
+    def _loop(self, backend, timers: bool) -> None:
         eng = self.engine
+        process = eng.process
+        send = self._send
+        decided = []
         next_tick = time.monotonic() + 0.2
         next_stats = time.monotonic()
         while not self.stop.is_set():
-            pkts = self.backend.receive(timeout=0.2)
+            pkts = backend.receive(timeout=0.2)
+            now = time.monotonic()
+            forgotten = injected = ()
             with self.lock:
                 for p in pkts:
-                    d = eng.process(p.buf, hook=p.hook, csum_partial=p.csum_partial,
-                                    truncated=p.truncated, mark=p.mark, handle=p)
+                    p.source = backend
+                    d = process(p.buf, hook=p.hook, csum_partial=p.csum_partial,
+                                truncated=p.truncated, mark=p.mark, handle=p)
                     if d != Decision.HOLD:
-                        self._send(p, d)
+                        decided.append((p, d))
                 if eng.injected:
-                    self._inject(eng.injected)
-                    eng.injected = []
-                now = time.monotonic()
-                if now >= next_tick:
-                    self._send_all(eng.tick(now))
+                    injected, eng.injected = eng.injected, []
+                if timers and now >= next_tick:
+                    for handle, d, buf in eng.tick(now):
+                        decided.append((handle, d))
+                        handle.buf = memoryview(buf)
                     next_tick = now + 0.2
-                forgotten, eng.forgotten = eng.forgotten, []
+                if eng.forgotten:
+                    forgotten, eng.forgotten = eng.forgotten, []
+            for p, d in decided:
+                send(p, d)
+            decided.clear()
+            if injected:
+                self._inject(injected)
             for pair in forgotten:
                 if self.on_forget is not None:
                     self.on_forget(pair)
-            if now >= next_stats:
+            if timers and now >= next_stats:
                 self.write_stats()
                 next_stats = now + self.stats_interval
 
@@ -115,8 +153,8 @@ class Runner:
         with self.lock:
             eng = self.engine.stats()
         out = {"instance": self.instance, "pid": os.getpid(), "uptime": round(time.time() - self.started, 1),
-               "backend": getattr(self.backend, "name", "?"),
-               "queue.enobufs": getattr(self.backend, "enobufs", 0),
+               "backend": getattr(self.backend, "name", "?"), "queues": len(self.backends),
+               "queue.enobufs": sum(getattr(b, "enobufs", 0) for b in self.backends),
                "queue.verdict_errors": self.verdict_errors}
         out.update(eng)
         tap = self.engine.tap
@@ -137,5 +175,5 @@ class Runner:
 
     def shutdown(self) -> None:
         self.stop.set()
-        if self.thread is not None:
-            self.thread.join(5)
+        for t in getattr(self, "threads", []):
+            t.join(5)

@@ -90,7 +90,7 @@ def run_tcp(args) -> int:
     old_sysctls = check_sysctls(needed_sysctls(listen[0], upstream[0]), args.set_sysctls)
     ruleset = rules.tcp_rules(instance, listen_ip=listen[0], listen_port=listen[1],
                               upstream_ip=upstream[0], upstream_port=upstream[1], ports=ports,
-                              queue=args.queue, bypass=args.fail_open)
+                              queue=args.queue, bypass=args.fail_open, queues=args.queues)
     tap = None
     if args.tap_dir:
         from .tap import TapStore
@@ -99,13 +99,16 @@ def run_tcp(args) -> int:
         kw = {"fail_open": args.fail_open}
         if args.backend == "netlink":
             kw["gso"] = not args.no_gso
-        backend = open_backend(args.backend, args.queue, **kw)
-    except QueueError as e:
+        backends = [open_backend(args.backend, args.queue + i, **kw) for i in range(args.queues)]
+    except (QueueError, OSError) as e:
+        for b in locals().get("backends", []):
+            b.close()
         restore_sysctls(old_sysctls)
         raise UsageError(str(e)) from None
+    backend = backends[0]
     engine = Engine(tap, linger=args.linger, idle_timeout=args.idle_timeout,
                     handoff_timeout=args.handoff_timeout * 2)
-    runner = Runner(backend, engine, instance=instance)
+    runner = Runner(backends, engine, instance=instance)
     if args.pairs_log:
         import json
         pairs_log = open(args.pairs_log, "a", buffering=1)
@@ -126,7 +129,8 @@ def run_tcp(args) -> int:
             proxy.open()
         except OSError as e:
             raise UsageError(f"--listen {listen[0]}:{listen[1]}: {e.strerror}") from None
-        log.info("splicing %s:%d -> %s:%d (queue %d, %s backend%s%s)", *listen, *upstream, args.queue,
+        log.info("splicing %s:%d -> %s:%d (queue %s, %s backend%s%s)", *listen, *upstream,
+                 "-".join(str(args.queue + i) for i in range(args.queues)),
                  backend.name, ", GSO" if getattr(backend, "gso", False) else "",
                  f", tap in {args.tap_dir}" if tap else "")
         if args.ready_file:
@@ -148,7 +152,8 @@ def run_tcp(args) -> int:
             engine.forgotten = []
         for pair in pairs:
             proxy.forget(pair)
-        backend.close()
+        for b in backends:
+            b.close()
         if tap is not None:
             tap.stop()
         runner.write_stats()

@@ -15,6 +15,7 @@ from scapy.layers.inet import in4_chksum
 from nfsplice import checksum as C
 
 HYP = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MID = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def naive_ones_sum(data: bytes, start: int = 0) -> int:
@@ -147,7 +148,7 @@ ip_hdr_fields = st.fixed_dictionaries({
 })
 
 
-@HYP
+@MID
 @given(ip_hdr_fields, st.integers(0, 0xFFFF))
 def test_ip_header_matches_scapy(f, junk):
     hdr = bytearray(raw(IP(**f)))
@@ -202,7 +203,7 @@ def scapy_tcp(f):
     return b
 
 
-@HYP
+@MID
 @given(tcp_seg, st.integers(0, 0xFFFF))
 def test_full_tcp_matches_scapy(f, junk):
     b = bytearray(scapy_tcp(f))
@@ -286,13 +287,13 @@ def _check_incremental(words, i, j, new_words):
     assert C.incremental(got, _pack(new_words), _pack(words[i:j])) == old_check
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(header_change())
 def test_incremental_equals_full_recompute(hc):
     _check_incremental(*hc)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(header_change(), st.sampled_from(["old_ffff", "new_ffff", "both"]))
 def test_incremental_edge_sums(hc, which):
     """Force the whole-header sum to 0xffff (checksum 0x0000) before and/or after."""

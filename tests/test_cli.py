@@ -281,7 +281,7 @@ def test_stats_while_running_and_queue_conflict(lab, origin, instances, tmp_path
 def test_cleanup_removes_dead_keeps_running(lab, instances, tmp_path):
     # (d) without the launcher: a SIGKILLed run leaves its rules behind
     dead = Instance(lab, tmp_path, "clidead", 9010, queue=1, launcher=False)
-    live = Instance(lab, tmp_path, "clilive", 9011, queue=2, launcher=False)
+    live = Instance(lab, tmp_path, "clilive", 9011, queue=3, launcher=False)   # queues 1-2 and 3-4
     instances += [dead, live]
     dead_pid = dead.wait_ready()
     live_pid = live.wait_ready()

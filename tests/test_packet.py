@@ -19,8 +19,9 @@ from nfsplice.packet import (ACK, FIN, PSH, RST, SYN, URG, Malformed, TCPView, T
                              build, convert_window, parse_options, rewrite, sack_option,
                              syn_options, timestamp_option)
 
-HYP = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-FEW = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+HYP = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MID = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FEW = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 MASK32 = 0xFFFFFFFF
 A = bytes([10, 0, 0, 1])
@@ -145,7 +146,7 @@ def inverse(orig: TCPView, tr: Translation) -> Translation:
 # ---------------------------------------------------------------- build()
 
 
-@HYP
+@MID
 @given(packets())
 def test_build_is_valid_for_scapy(pkt):
     scapy_verify(pkt)
@@ -187,7 +188,7 @@ def test_option_helpers():
 # ---------------------------------------------------------------- TCPView
 
 
-@HYP
+@MID
 @given(packets())
 def test_tcpview_fields_match_scapy(pkt):
     v = view(pkt)
@@ -641,7 +642,7 @@ def test_rewrite_example_across_wrap():
     scapy_verify(pkt)
 
 
-@HYP
+@MID
 @given(packets(), translations())
 def test_rewrite_checksum_partial_packet_full_mode(pkt, tr):
     """CHECKSUM_PARTIAL: the kernel leaves the pseudo-header sum in the TCP field."""

@@ -31,4 +31,5 @@ class QueuedPacket:
     gso: bool = False
     truncated: bool = False
     mark: int = 0
+    source: object = None     # the backend it came from (set by the runner)
     handle: object = None

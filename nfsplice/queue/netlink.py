@@ -65,7 +65,22 @@ PACKET_HDR = struct.Struct("!IHB")        # struct nfqnl_msg_packet_hdr
 VERDICT_HDR = struct.Struct("!II")        # struct nfqnl_msg_verdict_hdr
 _U32BE = struct.Struct("!I")
 
-RECV_BUF = 1 << 18     # one datagram: a 64 KiB GSO packet plus attributes fits easily
+RECV_BUF = 1 << 18
+_VERDICT_TYPE = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT
+_VERDICT_NLA = NLA_HDR.pack(NLA_HDR.size + VERDICT_HDR.size, NFQA_VERDICT_HDR)
+_VERDICT_LEN = NLMSG_HDR.size + NFGEN_HDR.size + len(_VERDICT_NLA) + VERDICT_HDR.size
+_PAD = (b"", b"\0", b"\0\0", b"\0\0\0")     # one datagram: a 64 KiB GSO packet plus attributes fits easily
+
+
+def _has_net_admin() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) & (1 << 12))   # CAP_NET_ADMIN
+    except OSError:
+        pass
+    return os.geteuid() == 0
 
 
 def _attr(atype: int, payload: bytes) -> bytes:
@@ -104,9 +119,13 @@ class NetlinkQueue:
         try:
             self._config(_attr(NFQA_CFG_CMD, struct.pack("!BxH", NFQNL_CFG_CMD_BIND, socket.AF_INET)))
         except OSError as e:
+            self.sock.close()
             hint = {errno.EPERM: "run as root (CAP_NET_ADMIN)",
-                    errno.EBUSY: f"queue {queue_num} is already bound by another process (nfsplice cleanup?)",
                     errno.ENOENT: "the kernel lacks nfnetlink_queue (CONFIG_NETFILTER_NETLINK_QUEUE)"}
+            if e.errno == errno.EPERM and _has_net_admin():
+                # nfqnl_recv_config() answers EPERM also when another socket owns the queue.
+                hint[errno.EPERM] = (f"queue {queue_num} is already bound by another process "
+                                     "(another nfsplice instance? choose another --queue)")
             raise QueueError(f"cannot bind NFQUEUE {queue_num}: {e.strerror}; "
                              f"{hint.get(e.errno, 'see nfsplice probe')}") from e
         self._config(_attr(NFQA_CFG_PARAMS, struct.pack("!IBxxx", 0xFFFF, NFQNL_COPY_PACKET)[:5]))
@@ -120,6 +139,7 @@ class NetlinkQueue:
                              "NFQA_CFG_F_GSO needs Linux 3.10 or newer") from e
         self.gso = gso
         self.fail_open = fail_open
+        self._nfgen = NFGEN_HDR.pack(socket.AF_UNSPEC, NFNETLINK_V0, queue_num)
 
     # -- netlink plumbing -------------------------------------------------------------
     def _header(self, msg_type: int, flags: int, length: int) -> bytes:
@@ -213,19 +233,17 @@ class NetlinkQueue:
 
     def verdict(self, pkt: QueuedPacket, verdict: int, payload=None) -> None:
         """Send the one verdict PKT gets; PAYLOAD (bytes-like) replaces the packet."""
-        vh = _attr(NFQA_VERDICT_HDR, VERDICT_HDR.pack(verdict, pkt.packet_id))
-        head = NFGEN_HDR.pack(socket.AF_UNSPEC, NFNETLINK_V0, self.queue_num) + vh
+        self.seq += 1
+        fixed = self._nfgen + _VERDICT_NLA + VERDICT_HDR.pack(verdict, pkt.packet_id)
         if payload is None:
-            self.sock.send(self._header(NFQNL_MSG_VERDICT, NLM_F_REQUEST, NLMSG_HDR.size + len(head)) + head)
+            self.sock.send(NLMSG_HDR.pack(_VERDICT_LEN, _VERDICT_TYPE, NLM_F_REQUEST, self.seq, 0) + fixed)
             return
         plen = len(payload)
-        pad = (4 - plen % 4) % 4
-        head += NLA_HDR.pack(4 + plen, NFQA_PAYLOAD)
-        total = NLMSG_HDR.size + len(head) + plen + pad
-        parts = [self._header(NFQNL_MSG_VERDICT, NLM_F_REQUEST, total) + head, payload]
-        if pad:
-            parts.append(b"\0" * pad)
-        self.sock.sendmsg(parts)
+        pad = -plen & 3
+        head = (NLMSG_HDR.pack(_VERDICT_LEN + NLA_HDR.size + plen + pad, _VERDICT_TYPE, NLM_F_REQUEST,
+                               self.seq, 0) + fixed + NLA_HDR.pack(NLA_HDR.size + plen, NFQA_PAYLOAD))
+        # Scatter-gather: the payload is sent from where it lies, not copied into a message.
+        self.sock.sendmsg((head, payload, _PAD[pad]) if pad else (head, payload))
 
     def close(self) -> None:
         try:
