@@ -25,8 +25,13 @@ pytestmark = pytest.mark.root
 # -- the backend interface: hold one packet, verdict it later with a new payload -------
 HELD = r'''
 import json, socket, sys, time
-from nfsplice.queue import ACCEPT, DROP, open_backend
+from nfsplice.queue import ACCEPT, DROP, QueueError, open_backend
 q = open_backend(sys.argv[1], 7)
+try:
+    open_backend(sys.argv[1], 7).close()
+    busy = None
+except QueueError as e:
+    busy = str(e)
 rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); rx.bind(("127.0.0.1", 5555)); rx.settimeout(1.0)
 tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); tx.setsockopt(socket.SOL_SOCKET, 36, 0x42)  # SO_MARK
 for m in (b"first-AAAA", b"second-BBB", b"third-CCCC"):
@@ -36,7 +41,7 @@ while len(pkts) < 3 and time.monotonic() < end:
     got = q.receive(0.2)
     pkts += got
     bufs += [bytearray(p.buf) for p in got]             # netlink: views valid until the next receive
-out = {"n": len(pkts), "meta": [(p.hook, p.mark, p.truncated, p.csum_partial, len(b)) for p, b in zip(pkts, bufs)]}
+out = {"busy": busy, "n": len(pkts), "meta": [(p.hook, p.mark, p.truncated, p.csum_partial, len(b)) for p, b in zip(pkts, bufs)]}
 held, held_buf = pkts[0], bufs[0]                       # what the engine keeps: handle + copy
 q.verdict(pkts[1], ACCEPT)
 q.verdict(pkts[2], DROP)
@@ -63,6 +68,7 @@ def test_held_packet_verdicted_later(backend):
                 "-j", "NFQUEUE", "--queue-num", "7")
         p = lab.run(ns, sys.executable, "-c", HELD, backend, cwd=str(REPO), timeout=30)
         out = json.loads(p.stdout)
+    assert "bound by another process" in (out["busy"] or ""), out["busy"]
     assert out["n"] == 3
     for hook, mark, truncated, csum_partial, n in out["meta"]:
         assert (hook, mark, truncated, n) == (3, 0x42, False, 38)      # LOCAL_OUT, SO_MARK
@@ -72,6 +78,12 @@ def test_held_packet_verdicted_later(backend):
     assert out["later"] == 0
     assert out["got2"] == "first-ZZZZ"
     assert out["got3"] is None
+
+
+def test_netfilterqueue_refuses_fail_open():
+    from nfsplice.queue import QueueError, open_backend
+    with pytest.raises(QueueError, match="FAIL_OPEN"):
+        open_backend("netfilterqueue", 7, fail_open=True)
 
 
 # -- nfsplice tcp through each backend ---------------------------------------------------

@@ -31,18 +31,6 @@ BATCH = 256            # datagrams handled per receive() at most (one packet eac
 MAX_COPY = 0xFFFF      # netfilterqueue caps this at 4016 bytes; MTU-sized packets fit
 
 
-def _has_net_admin() -> bool:
-    """CAP_NET_ADMIN (capability 12) in our effective set."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) & (1 << 12))
-    except (OSError, ValueError):
-        pass
-    return os.geteuid() == 0
-
-
 class _BatchReader:
     """What run_socket() reads from: the queue's socket, non-blocking, at most LEFT
     datagrams.  Raising EAGAIN is run_socket's signal to return."""
@@ -123,11 +111,6 @@ class NFQBackend:
         try:
             probe = NetlinkQueue(self.queue_num, gso=False)
         except QueueError as e:
-            cause = e.__cause__
-            if isinstance(cause, OSError) and cause.errno == errno.EPERM and _has_net_admin():
-                # The kernel answers EPERM, not EBUSY, when another socket owns the queue.
-                return QueueError(f"netfilterqueue: {what}: queue {self.queue_num} is bound by another "
-                                  "process (another nfsplice? see nfsplice cleanup)")
             return QueueError(f"netfilterqueue: {what}: {e}")
         except OSError as e:
             return QueueError(f"netfilterqueue: {what}: {e.strerror}")
