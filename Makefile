@@ -1,15 +1,19 @@
 # nfsplice: `make setup` once (as root: Debian packages and .venv), then `make lab`, `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := nftables iptables libnetfilter-queue-dev tcpdump iproute2 gcc python3-dev
+# haproxy, nginx and its stream module are benchmark peers (and their smoke test runs in make test).
+APT_PACKAGES := nftables iptables libnetfilter-queue-dev tcpdump iproute2 gcc curl \
+	haproxy nginx libnginx-mod-stream
 
 .PHONY: setup apt venv lab test unit bench cleanup clean
 
 setup: apt venv
 
 apt:
-	@if ! command -v nft >/dev/null || ! test -e /usr/include/libnetfilter_queue/libnetfilter_queue.h || ! command -v tcpdump >/dev/null; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); fi
+	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; fi
+	@# The Debian packages start system services; nfsplice's tests run their own.
+	-@systemctl disable --now nginx haproxy >/dev/null 2>&1 || true
 
 venv: $(VENV)/.installed
 
@@ -30,7 +34,6 @@ unit: venv
 	$(PY) -m pytest -q -m 'not root' tests
 
 bench: setup
-	apt-get install -y -qq haproxy nginx libnginx-mod-stream >/dev/null
 	$(PY) -m netns_lab.bench
 
 cleanup: venv

@@ -110,6 +110,7 @@ class Pair:
     last_seen: float = 0.0
     closing_since: float | None = None
     owner: object = None  # the proxy's handle (its sockets), given back on forget
+    frozen: tuple | None = None   # (SocketState A, SocketState B) at the splice
 
     def in_keys(self) -> tuple[bytes, ...]:
         """Keys of packets arriving at the proxy: from the client, from the server."""
@@ -182,6 +183,12 @@ class Engine:
         if hook == HOOK_LOCAL_OUT:
             pair = self.out_flows.get(key)
             if pair is not None and pair.state >= State.SPLICED:
+                if _prefreeze_ack(pair, key, v):
+                    # The ACK that completed the upstream handshake (or one like it) was
+                    # still waiting in the queue when the socket was frozen: it carries
+                    # nothing new, and the origin needs it.
+                    c["proxy_socket.prefreeze_ack"] += 1
+                    return Decision.ACCEPT
                 # A frozen proxy socket must be silent; this is the safety net.
                 c["dropped.proxy_socket"] += 1
                 c[f"dropped.proxy_socket.flags_{v.flags:#04x}.len_{min(v.payload_len, 1)}"] += 1
@@ -377,12 +384,15 @@ class Engine:
             pair.proxy_b.ip, pair.server.ip, pair.proxy_b.port, pair.server.port,
             seq_delta=seq.diff(b.snd_seq, a.rcv_seq), ack_delta=seq.diff(b.rcv_seq, a.snd_seq),
             win_shift_in=a.snd_wscale, win_shift_out=b.rcv_wscale,
-            tsval_delta=c2s_ts, tsecr_delta=-s2c_ts)
+            tsval_delta=c2s_ts, tsecr_delta=-s2c_ts,
+            tsecr_floor=pair.tsval[S2C] if ts_on else None)
         pair.tr[S2C] = Translation(
             pair.proxy_a.ip, pair.client.ip, pair.proxy_a.port, pair.client.port,
             seq_delta=seq.diff(a.snd_seq, b.rcv_seq), ack_delta=seq.diff(a.rcv_seq, b.snd_seq),
             win_shift_in=b.snd_wscale, win_shift_out=a.rcv_wscale,
-            tsval_delta=s2c_ts, tsecr_delta=-c2s_ts)
+            tsval_delta=s2c_ts, tsecr_delta=-c2s_ts,
+            tsecr_floor=pair.tsval[C2S] if ts_on else None)
+        pair.frozen = (a, b)
         # Stream offsets for the tap: the receiving proxy socket's rcv_nxt is where the
         # spliced bytes start; the proxy itself moved `copied` bytes before that.
         # A FIN the socket already took occupies one sequence number but no stream byte.
@@ -498,6 +508,16 @@ def pair_from_record(rec: dict) -> tuple[Pair, SocketState, SocketState]:
     pair = Pair(endpoint_from_str(rec["client"]), endpoint_from_str(rec["proxy_a"]),
                 endpoint_from_str(rec["proxy_b"]), endpoint_from_str(rec["server"]))
     return pair, SocketState(**rec["a"]), SocketState(**rec["b"])
+
+
+def _prefreeze_ack(pair: Pair, key: bytes, v: TCPView) -> bool:
+    """Is V a pure ACK a frozen socket of PAIR queued before it was frozen?  Such a
+    packet has exactly the socket's send sequence and acknowledges no more than it had
+    received; anything else from a frozen socket is new and must not leave."""
+    if pair.frozen is None or v.flags != ACK or v.payload_len:
+        return False
+    st = pair.frozen[0] if key == pair.out_keys()[0] else pair.frozen[1]
+    return v.seq == st.snd_seq and seq.le(v.ack, st.rcv_seq)
 
 
 def _tsval(v: TCPView) -> int | None:

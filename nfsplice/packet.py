@@ -169,7 +169,9 @@ class Translation:
     seq + seq_delta, ack + ack_delta (SACK edges too, they are acknowledgement space),
     window field converted from the sender's scale (win_shift_in) to the scale the
     receiver expects from the proxy's socket (win_shift_out), TSval + tsval_delta and
-    TSecr + tsecr_delta.
+    TSecr + tsecr_delta, but never below tsecr_floor: a TSecr that echoes one of the
+    proxy socket's own pre-splice timestamps would otherwise translate to a value older
+    than the receiver's last TSval, which Linux (6.15+) rejects on a handshake ACK.
     """
     src: bytes
     dst: bytes
@@ -181,6 +183,7 @@ class Translation:
     win_shift_out: int = 0
     tsval_delta: int = 0
     tsecr_delta: int = 0
+    tsecr_floor: int | None = None
 
     def inverse_addresses(self) -> tuple[bytes, bytes, int, int]:
         return self.dst, self.src, self.dport, self.sport
@@ -219,18 +222,22 @@ def rewrite(v: TCPView, tr: Translation, full_checksum: bool) -> None:
         old_check = _U16.unpack_from(b, t + 16)[0]
     b[12:16] = tr.src
     b[16:20] = tr.dst
-    _PORTS_SEQ_ACK.pack_into(b, t, tr.sport, tr.dport,
-                             (v.seq + tr.seq_delta) & _MASK32, (v.ack + tr.ack_delta) & _MASK32)
+    # The acknowledgement field means nothing without ACK (a bare RST): left alone.
+    ack = (v.ack + tr.ack_delta) & _MASK32 if v.flags & ACK else v.ack
+    _PORTS_SEQ_ACK.pack_into(b, t, tr.sport, tr.dport, (v.seq + tr.seq_delta) & _MASK32, ack)
     if tr.win_shift_in != tr.win_shift_out and not v.flags & SYN:
         _U16.pack_into(b, t + 14, convert_window(v.window, tr.win_shift_in, tr.win_shift_out))
     if opts:
         o = opts.get(OPT_TIMESTAMP)
         if o is not None:
             tsval, tsecr = _TS.unpack_from(b, o + 2)
-            _TS.pack_into(b, o + 2, (tsval + tr.tsval_delta) & _MASK32,
-                          (tsecr + tr.tsecr_delta) & _MASK32)
+            tsecr = (tsecr + tr.tsecr_delta) & _MASK32
+            floor = tr.tsecr_floor
+            if floor is not None and (tsecr - floor) & 0x80000000:   # seq.lt(tsecr, floor)
+                tsecr = floor
+            _TS.pack_into(b, o + 2, (tsval + tr.tsval_delta) & _MASK32, tsecr)
         o = opts.get(OPT_SACK)
-        if o is not None and tr.ack_delta:
+        if o is not None and tr.ack_delta and v.flags & ACK:
             for e in range(o + 2, o + b[o + 1], 4):
                 _U32.pack_into(b, e, (_U32.unpack_from(b, e)[0] + tr.ack_delta) & _MASK32)
     # IPv4 header checksum, recomputed over the 20 bytes.

@@ -152,7 +152,8 @@ class Runner:
     def stats(self) -> dict:
         with self.lock:
             eng = self.engine.stats()
-        out = {"instance": self.instance, "pid": os.getpid(), "uptime": round(time.time() - self.started, 1),
+        out = {"instance": self.instance, "pid": os.getpid(), "time": time.time(),
+               "uptime": round(time.time() - self.started, 1),
                "backend": getattr(self.backend, "name", "?"), "queues": len(self.backends),
                "queue.enobufs": sum(getattr(b, "enobufs", 0) for b in self.backends),
                "queue.verdict_errors": self.verdict_errors}

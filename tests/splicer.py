@@ -72,11 +72,14 @@ class Splicer:
             return json.load(f)
 
     def wait_idle(self, timeout: float = 15.0) -> dict:
-        """Wait until the engine forgot every pair (FIN/RST seen, linger over)."""
+        """Wait until the engine forgot every pair (FIN/RST seen, linger over), as told by
+        a stats file written after this call began."""
+        since = time.time()
         deadline = time.monotonic() + timeout
         while True:
             st = self.stats()
-            if st.get("pairs.active", 0) == 0 and st.get("proxy.accepted", 0) == st.get("pairs.registered", 0):
+            if (st.get("time", 0) > since and st.get("pairs.active", 0) == 0
+                    and st.get("proxy.accepted", 0) == st.get("pairs.registered", 0)):
                 return st
             if time.monotonic() > deadline:
                 return st

@@ -60,8 +60,10 @@ def verify(lab, sp: Splicer, srv: ServerProcess, result: dict) -> dict:
     assert st["pairs.active"] == 0, f"pairs left in the engine: {st}"
     assert st.get("proxy.spliced", 0) == n, f"not every connection was spliced: {st}"
     assert not any(k.startswith("pairs.fallback") for k in st), st
-    # The payload went through the engine, none through the proxy's sockets.
+    # The payload went through the engine, none through the proxy's sockets, and the
+    # frozen sockets said nothing (the OUTPUT safety net never had to drop a packet).
     assert st.get("proxy.drained_bytes", 0) == 0, st
+    assert st.get("dropped.proxy_socket", 0) == 0, st
     uploaded = server_received(srv, result)
     up = sum(uploaded.values()) + HEADER * n
     down = sum(c["received"] for c in result["connections"])

@@ -525,13 +525,14 @@ def expected_rewrite(pkt: bytearray, tr: Translation) -> bytearray:
         tsval, tsecr = struct.unpack_from("!II", opts, i)
         struct.pack_into("!II", opts, i, (tsval + tr.tsval_delta) & MASK32,
                          (tsecr + tr.tsecr_delta) & MASK32)
-    if 5 in o:
+    if 5 in o and v.flags & ACK:      # SACK edges are acknowledgement space
         i = o[5]
         for e in range(i + 2, i + opts[i + 1], 4):
             struct.pack_into("!I", opts, e, (struct.unpack_from("!I", opts, e)[0] + tr.ack_delta) & MASK32)
     window = v.window if v.flags & SYN else convert_window(v.window, tr.win_shift_in, tr.win_shift_out)
     ttl, ident = pkt[8], struct.unpack_from("!H", pkt, 4)[0]
-    out = build(tr.src, tr.dst, tr.sport, tr.dport, v.seq + tr.seq_delta, v.ack + tr.ack_delta,
+    ack = v.ack + tr.ack_delta if v.flags & ACK else v.ack   # no ACK flag: field left alone
+    out = build(tr.src, tr.dst, tr.sport, tr.dport, v.seq + tr.seq_delta, ack,
                 v.flags, window=window, options=bytes(opts), payload=bytes(v.payload()),
                 ttl=ttl, ident=ident)
     out[38:40] = pkt[38:40]           # urgent pointer (build() writes 0, as does ours)
@@ -553,7 +554,7 @@ def test_rewrite_both_modes_valid_identical_and_exact(pkt, tr):
     v0, v1 = view(bytearray(orig)), view(a)
     assert (v1.src, v1.dst, v1.sport, v1.dport) == (tr.src, tr.dst, tr.sport, tr.dport)
     assert v1.seq == (v0.seq + tr.seq_delta) % (1 << 32)
-    assert v1.ack == (v0.ack + tr.ack_delta) % (1 << 32)
+    assert v1.ack == ((v0.ack + tr.ack_delta) % (1 << 32) if v0.flags & ACK else v0.ack)
     assert v1.flags == v0.flags and v1.doff == v0.doff
     assert bytes(v1.payload()) == bytes(v0.payload())
     assert a[:12] == orig[:10] + a[10:12]               # version..TTL/proto untouched
@@ -568,7 +569,8 @@ def test_rewrite_both_modes_valid_identical_and_exact(pkt, tr):
         n = (orig[i + 1] - 2) // 4
         edges0 = struct.unpack_from(f"!{n}I", orig, i + 2)
         edges1 = struct.unpack_from(f"!{n}I", a, i + 2)
-        assert edges1 == tuple((e + tr.ack_delta) % (1 << 32) for e in edges0)
+        delta = tr.ack_delta if v0.flags & ACK else 0
+        assert edges1 == tuple((e + delta) % (1 << 32) for e in edges0)
     if v0.flags & SYN or tr.win_shift_in == tr.win_shift_out:
         assert v1.window == v0.window
     else:
@@ -706,3 +708,22 @@ def test_ack_only(pkt):
     assert bytes(out[40:]) == bytes(pkt[40:v.payload_off])
     assert out[38:40] == b"\0\0"
     scapy_verify(out)
+
+
+def test_tsecr_never_translated_below_the_floor():
+    """A TSecr echoing a proxy socket's own pre-splice TSval would translate to a value
+    older than the receiver's last TSval; it is raised to that value instead."""
+    src, dst = bytes([198, 18, 1, 2]), bytes([198, 18, 1, 1])
+    pkt = build(src, dst, 40000, 9000, 1, 1, ACK, options=P.timestamp_option(500, 1000))
+    tr = Translation(bytes([198, 18, 2, 1]), bytes([198, 18, 2, 2]), 61000, 9001,
+                     tsecr_delta=-100, tsecr_floor=950)
+    v = view(pkt)
+    rewrite(v, tr, full_checksum=False)
+    assert struct.unpack_from("!II", pkt, v.options()[8] + 2) == (500, 950)
+    scapy_verify(pkt)
+    # Across the 2**32 wrap the comparison is modular: 0xFFFFFF00 + 0x200 is "after" it.
+    pkt = build(src, dst, 40000, 9000, 1, 1, ACK, options=P.timestamp_option(1, 0x100))
+    tr.tsecr_delta, tr.tsecr_floor = 0, 0xFFFFFF00
+    v = view(pkt)
+    rewrite(v, tr, full_checksum=True)
+    assert struct.unpack_from("!II", pkt, v.options()[8] + 2) == (1, 0x100)

@@ -127,6 +127,11 @@ class TCPSpliceProxy:
                         Endpoint(_ip(src_ip), port), Endpoint(_ip(self.upstream[0]), self.upstream[1]))
             pair.owner = (csock, usock, port)
             self.runner.register(pair)
+            syn = pair.syn[C2S]
+            if syn is not None and syn.mss:
+                # The origin must not send segments larger than the client accepts: B's
+                # SYN announces the MSS the client announced (RFC 9293 section 3.7.1).
+                usock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, syn.mss)
             usock.settimeout(self.connect_timeout)
             try:
                 usock.connect(self.upstream)
