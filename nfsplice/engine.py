@@ -40,6 +40,7 @@ DIRECTION_NAMES = ("c2s", "s2c")
 _TS = struct.Struct("!II")
 _PKT_NAMES = ("packets.c2s", "packets.s2c")
 _BYTE_NAMES = ("bytes.c2s", "bytes.s2c")
+_ZERO_WINDOW_NAMES = ("window.zero_c2s", "window.zero_s2c")
 
 
 class Decision(enum.IntEnum):
@@ -288,6 +289,8 @@ class Engine:
                 pair.fin_acked[o] = True
                 if pair.fin_acked[d]:
                     self._closing(pair)
+        if not v.window and not flags & (SYN | RST):
+            self.counters[_ZERO_WINDOW_NAMES[d]] += 1
         packet.rewrite(v, tr, csum_partial)
         self.counters["checksum.full" if csum_partial else "checksum.incremental"] += 1
         pair.packets[d] += 1
