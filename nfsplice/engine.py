@@ -112,6 +112,8 @@ class Pair:
     closing_since: float | None = None
     owner: object = None  # the proxy's handle (its sockets), given back on forget
     frozen: tuple | None = None   # (SocketState A, SocketState B) at the splice
+    end_seq: list = field(default_factory=lambda: [None, None])  # message end per direction
+    end_fin: list = field(default_factory=lambda: [True, True])   # FIN at the end may pass
 
     def in_keys(self) -> tuple[bytes, ...]:
         """Keys of packets arriving at the proxy: from the client, from the server."""
@@ -165,6 +167,7 @@ class Engine:
         self.injected: list[bytearray] = []  # packets for the caller to send (pure ACKs)
         self.listeners: set[bytes] = set()    # (ip, port) of the L4 proxy: pairs start at SYN
         self.splice_log = None                # called with splice_record() at every splice
+        self.trimmed: int | None = None       # set by process(): MANGLE'd packet's new length
 
     # -- the per-packet path ----------------------------------------------------------------
     def process(self, buf: memoryview, *, hook: int = 0, csum_partial: bool = False,
@@ -175,6 +178,7 @@ class Engine:
         HOLD means the engine copied the packet and will return it from `splice()` or
         `abort()` or `tick()`; BUF itself may be reused by the caller at once."""
         c = self.counters
+        self.trimmed = None
         try:
             v = TCPView(buf, truncated)
         except Malformed as e:
@@ -260,8 +264,16 @@ class Engine:
             c["injected.ack"] += 1
         return Decision.HOLD
 
-    def _forward(self, pair: Pair, d: int, v: TCPView, csum_partial: bool) -> None:
+    def _forward(self, pair: Pair, d: int, v: TCPView, csum_partial: bool) -> TCPView:
+        """Rewrite V for the other connection; returns the view rewritten (a shorter one
+        when bytes past the direction's message end were cut off)."""
         tr: Translation = pair.tr[d]
+        end = pair.end_seq[d]
+        if end is not None:
+            over = seq.diff(seq.add(v.seq, v.payload_len), end)
+            if over > 0 or (v.flags & FIN and not pair.end_fin[d]):
+                v = self._cut_at_end(pair, d, v, max(over, 0))
+                csum_partial = True    # the payload changed: summed in full
         flags = v.flags
         plen = v.payload_len
         if plen:
@@ -298,6 +310,29 @@ class Engine:
         c = self.counters
         c[_PKT_NAMES[d]] += 1
         c[_BYTE_NAMES[d]] += plen
+        return v
+
+    def _cut_at_end(self, pair: Pair, d: int, v: TCPView, over: int) -> TCPView:
+        """Nothing past a direction's message end is forwarded (an HTTP body spliced with
+        its exact length): the payload beyond it is cut off and a FIN that would follow
+        it dropped; what the segment acknowledges still goes on."""
+        c = self.counters
+        plen = v.payload_len
+        cut = min(over, plen)
+        flags = v.flags
+        if over > plen or (over and flags & FIN) or (flags & FIN and not pair.end_fin[d]):
+            flags &= ~FIN
+        if cut:
+            c["dropped.beyond_message_bytes"] += cut
+            c["trimmed.beyond_message"] += 1
+        if flags != v.flags:
+            c["dropped.beyond_message_fin"] += 1
+        n = len(v.buf) - cut
+        b = v.buf
+        b[v.t + 13] = flags
+        struct.pack_into("!H", b, 2, n)
+        self.trimmed = n
+        return TCPView(b[:n])
 
     def _closing(self, pair: Pair) -> None:
         if pair.state < State.CLOSING:
@@ -371,10 +406,14 @@ class Engine:
         return pair
 
     def splice(self, pair: Pair, a: SocketState, b: SocketState, *, copied=(0, 0),
-               finished=(False, False)) -> list[tuple[object, Decision, bytearray]]:
+               finished=(False, False), limits=(None, None),
+               end_fin=(True, True)) -> list[tuple[object, Decision, bytearray]]:
         """Finish the hand-off with the frozen sockets' numbers; return the held packets'
         verdicts (in arrival order).  COPIED: bytes the proxy moved itself per direction
-        before the splice; FINISHED: directions whose FIN the proxy already passed on."""
+        before the splice; FINISHED: directions whose FIN the proxy already passed on.
+        LIMITS: per direction, how many more bytes belong to the message being spliced
+        (None: until FIN); nothing past them is forwarded.  END_FIN: per direction,
+        whether a FIN right at that end may pass (the connection ends with the message)."""
         if pair.state != State.HANDOFF:
             raise ValueError(f"{pair.describe()}: splice in state {pair.state.name}")
         ts_on = a.timestamps and b.timestamps
@@ -396,6 +435,10 @@ class Engine:
             tsval_delta=s2c_ts, tsecr_delta=-c2s_ts,
             tsecr_floor=pair.tsval[C2S] if ts_on else None)
         pair.frozen = (a, b)
+        pair.end_fin = list(end_fin)
+        for d, limit in enumerate(limits):
+            if limit is not None:
+                pair.end_seq[d] = seq.add(a.rcv_seq if d == C2S else b.rcv_seq, limit)
         # Stream offsets for the tap: the receiving proxy socket's rcv_nxt is where the
         # spliced bytes start; the proxy itself moved `copied` bytes before that.
         # A FIN the socket already took occupies one sequence number but no stream byte.
@@ -429,7 +472,11 @@ class Engine:
                 out.append((h.handle, Decision.ACCEPT, h.buf))
                 continue
             v = TCPView(memoryview(h.buf))
+            self.trimmed = None
             self._forward(pair, h.direction, v, h.csum_partial)
+            if self.trimmed is not None:
+                h.buf = h.buf[:self.trimmed]    # (the view above still exports h.buf)
+                self.trimmed = None
             out.append((h.handle, Decision.MANGLE, h.buf))
         self.counters["released"] += len(held)
         return out

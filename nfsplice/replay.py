@@ -731,6 +731,8 @@ def replay(packets, pairs_records=None, listen=None, *, linger: float = LIVE_LIN
             res.bad_checksums += 1     # fed as a full checksum, as NFQUEUE would
         d = eng.process(memoryview(buf), hook=hook, csum_partial=partial, truncated=f.truncated,
                         handle=f.index, now=f.time)
+        if eng.trimmed is not None:       # cut at a message end
+            del buf[eng.trimmed:]
         if d != Decision.HOLD:
             if d == Decision.DROP:
                 to = "none"

@@ -112,6 +112,8 @@ class Runner:
                     d = process(p.buf, hook=p.hook, csum_partial=p.csum_partial,
                                 truncated=p.truncated, mark=p.mark, handle=p)
                     if d != Decision.HOLD:
+                        if eng.trimmed is not None:       # cut at a message end
+                            p.buf = p.buf[:eng.trimmed]
                         decided.append((p, d))
                 if eng.injected:
                     injected, eng.injected = eng.injected, []

@@ -1,0 +1,160 @@
+"""The engine without a network: pairs, hand-off, holding, limits, FIN/RST, forgetting.
+
+Packets are built with nfsplice.packet.build and checked field by field and with scapy.
+"""
+from __future__ import annotations
+
+import struct
+
+from scapy.all import IP, TCP
+
+from nfsplice import packet as P
+from nfsplice.engine import C2S, S2C, Decision, Endpoint, Engine, Pair, SocketState, State
+from nfsplice.queue.base import HOOK_LOCAL_OUT
+
+CLIENT, PA, PB, SERVER = (bytes([198, 18, 1, 2]), bytes([198, 18, 1, 1]),
+                          bytes([198, 18, 2, 1]), bytes([198, 18, 2, 2]))
+A = SocketState(snd_seq=1000, rcv_seq=5000, snd_wscale=7, rcv_wscale=7, timestamps=False)
+B = SocketState(snd_seq=90000, rcv_seq=70000, snd_wscale=7, rcv_wscale=7, timestamps=False)
+
+
+def new_pair(eng: Engine, **splice_kw) -> Pair:
+    pair = eng.register(Pair(Endpoint(CLIENT, 40000), Endpoint(PA, 8080), Endpoint(PB, 61000),
+                             Endpoint(SERVER, 8000)), now=0.0)
+    eng.splice(pair, A, B, **splice_kw)
+    return pair
+
+
+def from_server(seq, ack, flags=P.ACK, payload=b""):
+    return P.build(SERVER, PB, 8000, 61000, seq, ack, flags, payload=payload)
+
+
+def from_client(seq, ack, flags=P.ACK, payload=b""):
+    return P.build(CLIENT, PA, 40000, 8080, seq, ack, flags, payload=payload)
+
+
+def run(eng, pkt, **kw):
+    buf = bytearray(pkt)
+    d = eng.process(memoryview(buf), now=1.0, **kw)
+    if eng.trimmed is not None:
+        del buf[eng.trimmed:]
+    return d, buf
+
+
+def valid(buf) -> IP:
+    ip = IP(bytes(buf))
+    c_ip, c_tcp = ip.chksum, ip[TCP].chksum
+    del ip.chksum
+    del ip[TCP].chksum
+    again = IP(bytes(ip))
+    assert (again.chksum, again[TCP].chksum) == (c_ip, c_tcp)
+    return again
+
+
+def test_translation_both_ways():
+    eng = Engine()
+    new_pair(eng)
+    d, out = run(eng, from_server(70000, 90000, payload=b"x" * 100))
+    assert d == Decision.MANGLE
+    ip = valid(out)
+    assert (ip.src, ip.dst, ip[TCP].sport, ip[TCP].dport) == ("198.18.1.1", "198.18.1.2", 8080, 40000)
+    assert (ip[TCP].seq, ip[TCP].ack) == (1000, 5000)
+    d, out = run(eng, from_client(5000, 1100))
+    ip = valid(out)
+    assert (ip.src, ip.dst, ip[TCP].seq, ip[TCP].ack) == ("198.18.2.1", "198.18.2.2", 90000, 70100)
+
+
+def test_message_end_cuts_payload_and_fin():
+    """With a limit, nothing past the message end reaches the client: a straddling
+    segment is cut, one wholly beyond keeps only its acknowledgement, a FIN after extra
+    bytes is dropped."""
+    eng = Engine()
+    pair = new_pair(eng, limits=(0, 150), end_fin=(True, True))
+    d, out = run(eng, from_server(70000, 1000, payload=b"a" * 100))
+    assert len(valid(out)[TCP].payload) == 100
+    d, out = run(eng, from_server(70100, 1000, flags=P.ACK | P.PSH | P.FIN, payload=b"b" * 100))
+    ip = valid(out)
+    assert bytes(ip[TCP].payload) == b"b" * 50 and not ip[TCP].flags & 0x01
+    assert eng.counters["dropped.beyond_message_bytes"] == 50
+    d, out = run(eng, from_server(70200, 1000, payload=b"c" * 10))
+    ip = valid(out)
+    assert len(ip[TCP].payload) == 0 and ip[TCP].flags & 0x10
+    # The client's payload (a pipelined request) never reaches the origin: limit 0.
+    d, out = run(eng, from_client(5000, 1150, payload=b"GET / HTTP/1.1\r\n"))
+    ip = valid(out)
+    assert len(ip[TCP].payload) == 0 and ip[TCP].ack == 70150
+    # A FIN exactly at the end passes when the connection ends with the message.
+    d, out = run(eng, from_server(70150, 1000, flags=P.ACK | P.FIN))
+    assert valid(out)[TCP].flags & 0x01
+    assert pair.fin_seq[S2C] == 70150
+
+
+def test_fin_at_end_dropped_when_not_allowed():
+    eng = Engine()
+    new_pair(eng, limits=(None, 10), end_fin=(True, False))
+    d, out = run(eng, from_server(70000, 1000, flags=P.ACK | P.FIN, payload=b"z" * 10))
+    ip = valid(out)
+    assert bytes(ip[TCP].payload) == b"z" * 10 and not ip[TCP].flags & 0x01
+
+
+def test_held_packets_released_in_order_and_cut():
+    eng = Engine()
+    pair = eng.register(Pair(Endpoint(CLIENT, 40000), Endpoint(PA, 8080), Endpoint(PB, 61000),
+                             Endpoint(SERVER, 8000)), now=0.0)
+    held = []
+    for i in range(3):
+        d, _ = run(eng, from_server(70000 + 100 * i, 1000, payload=bytes([65 + i]) * 100), handle=i)
+        assert d == Decision.HOLD
+        held.append(i)
+    assert len(eng.injected) == 3        # the sockets still get the ACKs, as pure ACKs
+    out = eng.splice(pair, A, B, limits=(None, 250))
+    assert [h for h, _, _ in out] == held
+    lens = [len(valid(buf)[TCP].payload) for _, _, buf in out]
+    assert lens == [100, 100, 50]
+    assert pair.state == State.SPLICED
+
+
+def test_frozen_socket_silenced_but_prefreeze_ack_passes():
+    eng = Engine()
+    pair = new_pair(eng)
+    own = P.build(PB, SERVER, 61000, 8000, B.snd_seq, B.rcv_seq, P.ACK)
+    d, _ = run(eng, own, hook=HOOK_LOCAL_OUT)
+    assert d == Decision.ACCEPT and eng.counters["proxy_socket.prefreeze_ack"] == 1
+    later = P.build(PB, SERVER, 61000, 8000, B.snd_seq, B.rcv_seq + 10, P.ACK)
+    d, _ = run(eng, later, hook=HOOK_LOCAL_OUT)
+    assert d == Decision.DROP and eng.counters["dropped.proxy_socket"] == 1
+    assert pair.state == State.SPLICED
+
+
+def test_both_fins_acked_then_forgotten_after_linger():
+    eng = Engine(linger=2.0)
+    pair = new_pair(eng)
+    run(eng, from_client(5000, 1000, flags=P.ACK | P.FIN))
+    run(eng, from_server(70000, 5001 - 5000 + 90000, flags=P.ACK | P.FIN))
+    run(eng, from_client(5001, 1001))
+    assert pair.state == State.CLOSING
+    eng.tick(now=3.5)
+    assert pair.state == State.DONE and not eng.pairs and not eng.flows
+    assert eng.forgotten == [pair]
+
+
+def test_malformed_counted_never_raised():
+    eng = Engine()
+    new_pair(eng)
+    for bad in (b"", b"\x45" * 10, bytes(from_server(1, 1))[:30]):
+        d, _ = run(eng, bad)
+        assert d == Decision.ACCEPT
+    assert sum(v for k, v in eng.counters.items() if k.startswith("malformed.")) == 3
+    truncated = bytearray(from_server(70000, 1000, payload=b"x" * 500))[:100]
+    d, _ = run(eng, truncated, truncated=True)
+    assert d == Decision.DROP and eng.counters["dropped.truncated"] == 1
+
+
+def test_record_roundtrip():
+    from nfsplice.engine import pair_from_record, splice_record
+    eng = Engine()
+    pair = new_pair(eng)
+    rec = splice_record(pair, A, B, (0, 0), (False, False))
+    p2, a2, b2 = pair_from_record(rec)
+    assert (a2, b2) == (A, B) and p2.in_keys() == pair.in_keys()
+    assert struct.unpack("!H", p2.in_keys()[0][8:10])[0] == 40000
