@@ -57,6 +57,39 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tcp", help="L4 proxy: every connection spliced to the upstream at once")
     t.add_argument("--listen", required=True, help="ADDRESS:PORT to accept clients on")
     t.add_argument("--upstream", required=True, help="ADDRESS:PORT of the origin")
+    _engine_options(t)
+
+    h = sub.add_parser("http", help="HTTP/1.1 reverse (--upstream) or forward proxy; large bodies spliced")
+    h.add_argument("--listen", required=True, help="ADDRESS:PORT to accept clients on")
+    h.add_argument("--upstream", help="http://ADDRESS:PORT of the origin (reverse proxy); "
+                   "without it a forward proxy (absolute-form targets and CONNECT)")
+    h.add_argument("--no-splice", action="store_true", help="copy every byte (the baseline); no rules, no root")
+    h.add_argument("--splice-threshold", type=int, default=64 * 1024,
+                   help="splice response bodies of at least this many bytes [%(default)s]")
+    h.add_argument("--connect-ports", default="443", help="ports CONNECT may reach [%(default)s]")
+    h.add_argument("--access-log", default="-", help="file, - (stderr) or off [%(default)s]")
+    h.add_argument("--header-timeout", type=float, default=10.0, help="request head within [%(default)s] s")
+    h.add_argument("--keepalive-timeout", type=float, default=60.0, help="idle client connection [%(default)s] s")
+    h.add_argument("--connect-timeout", type=float, default=5.0, help="upstream connect [%(default)s] s")
+    h.add_argument("--response-timeout", type=float, default=60.0, help="upstream response [%(default)s] s")
+    h.add_argument("--max-header-bytes", type=int, default=32 * 1024)
+    _engine_options(h)
+
+    sub.add_parser("probe", help="which kernel features are there and what is missing")
+    s = sub.add_parser("stats", help="counters of running (or last) instances")
+    s.add_argument("--instance")
+    c = sub.add_parser("cleanup", help="remove rules left by killed runs")
+    c.add_argument("--all", action="store_true", help="also those of running instances")
+    r = sub.add_parser("replay", help="run a pcap through the rewrite code offline")
+    r.add_argument("pcap")
+    r.add_argument("--out", required=True, help="pcap of the rewritten packets")
+    r.add_argument("--pairs", help="JSON file describing the pairs and their splice points "
+                   "(default: learned from the capture)")
+    r.add_argument("--summary", action="store_true", help="print one line per packet")
+    return p
+
+
+def _engine_options(t) -> None:
     t.add_argument("--source", help="source address for upstream connections (default: the route's)")
     t.add_argument("--ports", default="61000-62999", help="source ports for upstream connections "
                    "(outside the ephemeral range; the rules match them) [%(default)s]")
@@ -78,19 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set-sysctls", action="store_true",
                    help="set ip_forward, accept_local and rp_filter as splicing needs, restore on exit")
 
-    sub.add_parser("probe", help="which kernel features are there and what is missing")
-    s = sub.add_parser("stats", help="counters of running (or last) instances")
-    s.add_argument("--instance")
-    c = sub.add_parser("cleanup", help="remove rules left by killed runs")
-    c.add_argument("--all", action="store_true", help="also those of running instances")
-    r = sub.add_parser("replay", help="run a pcap through the rewrite code offline")
-    r.add_argument("pcap")
-    r.add_argument("--out", required=True, help="pcap of the rewritten packets")
-    r.add_argument("--pairs", help="JSON file describing the pairs and their splice points "
-                   "(default: learned from the capture)")
-    r.add_argument("--summary", action="store_true", help="print one line per packet")
-    return p
-
 
 def main(argv: list[str] | None = None) -> int:
     try:
@@ -100,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tcp":
             from .service import run_tcp
             return run_tcp(args)
+        if args.command == "http":
+            from .service import run_http
+            return run_http(args)
         if args.command == "probe":
             from .probe import probe
             return probe()

@@ -79,10 +79,10 @@ def instance_chain(instance: str) -> str:
 
 def tcp_rules(instance: str, *, listen_ip: str, listen_port: int, upstream_ip: str,
               upstream_port: int, ports: tuple[int, int], queue: int, bypass: bool,
-              queues: int = 1) -> RuleSet:
+              queues: int = 1, template: str = "tcp.rules") -> RuleSet:
     chain = instance_chain(instance)
     comment = f"nfsplice:{instance} pid={os.getpid()}"
-    with open(template_path("tcp.rules")) as f:
+    with open(template_path(template)) as f:
         tmpl = "".join(line for line in f if not line.startswith("#"))
     text = tmpl.format(chain=chain, comment=comment, listen_ip=listen_ip, listen_port=listen_port,
                        upstream_ip=upstream_ip, upstream_port=upstream_port,

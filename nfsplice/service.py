@@ -37,14 +37,14 @@ def _interface_for(addr: str) -> str | None:
     return words[words.index("dev") + 1] if "dev" in words else None
 
 
-def needed_sysctls(listen_ip: str, upstream_ip: str, client_hint: str | None = None) -> dict[str, str]:
+def needed_sysctls(listen_ip: str, upstream_ip: str | None) -> dict[str, str]:
     """Spliced packets carry one of our own addresses as source and are forwarded."""
     need = {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.accept_local": "1",
             "net.ipv4.conf.all.rp_filter": "0"}
     addr_dev = subprocess.run(["ip", "-o", "addr", "show", "to", listen_ip], capture_output=True,
                               text=True).stdout.split()
     devs = {addr_dev[1]} if len(addr_dev) > 1 else set()
-    dev = _interface_for(upstream_ip)
+    dev = _interface_for(upstream_ip) if upstream_ip else None
     if dev:
         devs.add(dev)
     for dev in sorted(devs):
@@ -84,24 +84,128 @@ def run_tcp(args) -> int:
     listen = hostport(args.listen, "--listen")
     upstream = hostport(args.upstream, "--upstream")
     ports = port_range(args.ports)
-    if os.geteuid() != 0:
-        raise UsageError("tcp needs root (NFQUEUE, iptables, TCP_REPAIR): run it through ./nfsplice-launch or sudo")
+    _need_root("tcp")
     instance = args.instance or f"{listen[0]}_{listen[1]}"
-    old_sysctls = check_sysctls(needed_sysctls(listen[0], upstream[0]), args.set_sysctls)
     ruleset = rules.tcp_rules(instance, listen_ip=listen[0], listen_port=listen[1],
                               upstream_ip=upstream[0], upstream_port=upstream[1], ports=ports,
                               queue=args.queue, bypass=args.fail_open, queues=args.queues)
+
+    def make_proxy(runner):
+        from .proxy.tcp import TCPSpliceProxy
+        return TCPSpliceProxy(runner, listen, upstream, source=args.source, ports=ports,
+                              handoff_timeout=args.handoff_timeout, max_connections=args.max_connections)
+
+    what = f"splicing {listen[0]}:{listen[1]} -> {upstream[0]}:{upstream[1]}"
+    return _serve(args, instance, listen, upstream[0], ruleset, make_proxy, what)
+
+
+def run_http(args) -> int:
+    from .proxy.http import HTTPProxy, Settings, Timeouts
+    from .proxy import http1
+    listen = hostport(args.listen, "--listen")
+    upstream = None
+    if args.upstream:
+        url = args.upstream
+        if not url.startswith("http://"):
+            raise UsageError(f"--upstream: expected http://ADDRESS:PORT, got {url!r}")
+        upstream = hostport(url[len("http://"):].rstrip("/"), "--upstream")
+    ports = port_range(args.ports)
+    try:
+        connect_ports = frozenset(int(p) for p in args.connect_ports.split(","))
+    except ValueError:
+        raise UsageError(f"--connect-ports: expected PORT[,PORT...], got {args.connect_ports!r}") from None
+    if args.splice_threshold < 0:
+        raise UsageError("--splice-threshold must be 0 or more bytes")
+    settings = Settings(listen=listen, upstream=upstream, splice=not args.no_splice,
+                        threshold=args.splice_threshold, connect_ports=connect_ports,
+                        limits=http1.Limits(max_head_bytes=args.max_header_bytes),
+                        timeouts=Timeouts(header=args.header_timeout, idle=args.keepalive_timeout,
+                                          connect=args.connect_timeout, response=args.response_timeout),
+                        max_connections=args.max_connections, source=args.source, ports=ports)
+    instance = args.instance or f"{listen[0]}_{listen[1]}"
+    _access_log(args.access_log)
+    mode = "reverse proxy for " + args.upstream if upstream else "forward proxy"
+    if args.no_splice:
+        # The baseline: the same proxy copying every byte, no rules, no engine.
+        proxy = HTTPProxy(settings)
+        return _serve_plain(args, proxy, f"HTTP {mode} on {listen[0]}:{listen[1]}, copying (--no-splice)")
+    _need_root("http")
+    ruleset = rules.tcp_rules(instance, listen_ip=listen[0], listen_port=listen[1], upstream_ip="0.0.0.0",
+                              upstream_port=0, ports=ports, queue=args.queue, bypass=args.fail_open,
+                              queues=args.queues, template="http.rules")
+    what = f"HTTP {mode} on {listen[0]}:{listen[1]}, splicing bodies of {args.splice_threshold}+ bytes"
+    return _serve(args, instance, listen, upstream[0] if upstream else None, ruleset,
+                  lambda runner: HTTPProxy(settings, runner), what)
+
+
+def _need_root(cmd: str) -> None:
+    if os.geteuid() != 0:
+        raise UsageError(f"{cmd} needs root (NFQUEUE, iptables, TCP_REPAIR): run it through "
+                         "./nfsplice-launch or sudo")
+
+
+def _access_log(target: str | None) -> None:
+    alog = logging.getLogger("nfsplice.access")
+    alog.propagate = False
+    alog.setLevel(logging.INFO)
+    if target in (None, "-"):
+        handler = logging.StreamHandler()
+    elif target == "off":
+        alog.disabled = True
+        return
+    else:
+        handler = logging.FileHandler(target)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    alog.addHandler(handler)
+
+
+def _signals(stop: threading.Event) -> dict:
+    def on_signal(signum, _frame):
+        stop.set()
+    return {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+
+
+def _ready(args) -> None:
+    if args.ready_file:
+        with open(args.ready_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def _serve_plain(args, proxy, what: str) -> int:
+    stop = threading.Event()
+    old_handlers = _signals(stop)
+    try:
+        try:
+            proxy.open()
+        except OSError as e:
+            raise UsageError(f"--listen {args.listen}: {e.strerror}") from None
+        log.info("%s", what)
+        _ready(args)
+        proxy.serve(stop)
+    finally:
+        proxy.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        log.info("exit: %s", " ".join(f"{k}={v}" for k, v in sorted(proxy.counters.items())))
+    return 0
+
+
+def _serve(args, instance: str, listen, upstream_ip: str | None, ruleset, make_proxy, what: str) -> int:
+    """Queue, engine, rules and a proxy; everything taken down again on any exit."""
+    old_sysctls = check_sysctls(needed_sysctls(listen[0], upstream_ip), args.set_sysctls)
     tap = None
     if args.tap_dir:
         from .tap import TapStore
         tap = TapStore(args.tap_dir)
+    backends = []
     try:
         kw = {"fail_open": args.fail_open}
         if args.backend == "netlink":
             kw["gso"] = not args.no_gso
-        backends = [open_backend(args.backend, args.queue + i, **kw) for i in range(args.queues)]
+        for i in range(args.queues):
+            backends.append(open_backend(args.backend, args.queue + i, **kw))
     except (QueueError, OSError) as e:
-        for b in locals().get("backends", []):
+        for b in backends:
             b.close()
         restore_sysctls(old_sysctls)
         raise UsageError(str(e)) from None
@@ -113,15 +217,9 @@ def run_tcp(args) -> int:
         import json
         pairs_log = open(args.pairs_log, "a", buffering=1)
         engine.splice_log = lambda rec: pairs_log.write(json.dumps(rec) + "\n")
-    from .proxy.tcp import TCPSpliceProxy
-    proxy = TCPSpliceProxy(runner, listen, upstream, source=args.source, ports=ports,
-                           handoff_timeout=args.handoff_timeout, max_connections=args.max_connections)
+    proxy = make_proxy(runner)
     stop = threading.Event()
-
-    def on_signal(signum, _frame):
-        stop.set()
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    old_handlers = _signals(stop)
     try:
         runner.start()
         ruleset.install()
@@ -129,13 +227,11 @@ def run_tcp(args) -> int:
             proxy.open()
         except OSError as e:
             raise UsageError(f"--listen {listen[0]}:{listen[1]}: {e.strerror}") from None
-        log.info("splicing %s:%d -> %s:%d (queue %s, %s backend%s%s)", *listen, *upstream,
+        log.info("%s (queue %s, %s backend%s%s)", what,
                  "-".join(str(args.queue + i) for i in range(args.queues)),
                  backend.name, ", GSO" if getattr(backend, "gso", False) else "",
                  f", tap in {args.tap_dir}" if tap else "")
-        if args.ready_file:
-            with open(args.ready_file, "w") as f:
-                f.write(f"{os.getpid()}\n")
+        _ready(args)
         proxy.serve(stop)
     except rules.RulesError as e:
         raise UsageError(f"installing rules: {e}") from None

@@ -1,0 +1,654 @@
+"""The HTTP/1.1 proxy on the splicer (`nfsplice http`): reverse or forward (with CONNECT).
+
+Heads are read and written through the proxy's own sockets, parsed strictly by
+`http1` (which does no I/O).  Bodies are copied, or spliced by the engine:
+
+  * a response body framed by Content-Length of at least --splice-threshold bytes, a
+    body delimited by the origin closing, and the tunnel after a CONNECT 2xx or a 101:
+    the pair is registered, what already arrived is copied, both sockets are frozen
+    and the engine forwards the rest, with the message end as a hard limit (nothing
+    past the Content-Length reaches the client; the client's own bytes do not reach
+    the origin while a response body is spliced);
+  * everything else (small and chunked bodies, request bodies) is copied.
+
+A spliced response ends its client connection (the response says Connection: close)
+and its upstream connection: after the body, the client's FIN is passed on and the
+origin closes too.  Keeping both connections after a spliced body needs the frozen
+sockets rebuilt with their new sequence numbers (TCP_REPAIR restore); not done yet.
+
+One thread per client connection, blocking sockets with timeouts.  Every request gets
+one access-log line: client, method, target, status, bytes in/out, spliced|copied,
+cache status (- for now), upstream and total milliseconds.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .. import handoff
+from ..engine import C2S, S2C, Endpoint, Pair
+from . import http1
+from .http1 import HTTPError, UpstreamError
+
+log = logging.getLogger("nfsplice.http")
+access = logging.getLogger("nfsplice.access")
+
+RECV = 1 << 16
+
+
+@dataclass
+class Timeouts:
+    header: float = 10.0          # a request head must arrive within this (slowloris)
+    idle: float = 60.0            # between requests on a kept-alive client connection
+    connect: float = 5.0          # upstream connect
+    response: float = 60.0        # upstream response head, and between body reads
+    splice_idle: float = 300.0    # a spliced body or tunnel with no packet for this long
+
+
+@dataclass
+class Settings:
+    listen: tuple[str, int]
+    upstream: tuple[str, int] | None       # None: forward proxy
+    splice: bool = True
+    threshold: int = 64 * 1024
+    connect_ports: frozenset = frozenset({443})
+    via: str = "nfsplice"
+    limits: http1.Limits = field(default_factory=http1.Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_connections: int = 4096
+    source: str | None = None
+    ports: tuple[int, int] = (61000, 62999)
+
+
+class _Closed(Exception):
+    """The peer went away (EOF, reset, timeout) where that simply ends the exchange."""
+
+
+class Conn:
+    """A socket with the bytes read past the last parsed message."""
+
+    def __init__(self, sock: socket.socket, name: str):
+        self.sock = sock
+        self.name = name
+        self.buf = bytearray()
+        self.eof = False
+
+    def fill(self, timeout: float) -> int:
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(RECV)
+        except (socket.timeout, TimeoutError):
+            raise _Closed(f"{self.name}: timeout") from None
+        except OSError as e:
+            raise _Closed(f"{self.name}: {e.strerror or e}") from None
+        if not data:
+            self.eof = True
+            return 0
+        self.buf += data
+        return len(data)
+
+    def send(self, data) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as e:
+            raise _Closed(f"{self.name}: {e.strerror or e}") from None
+
+    def take(self, n: int) -> bytes:
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+
+@dataclass
+class Exchange:
+    """What one request cost: the access-log line."""
+    client: str
+    method: str = "-"
+    target: str = "-"
+    status: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    mode: str = "copied"
+    upstream_ms: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    def line(self) -> str:
+        total = (time.monotonic() - self.started) * 1000
+        return (f"{self.client} {self.method} {self.target} {self.status} {self.bytes_in} {self.bytes_out} "
+                f"{self.mode} cache=- upstream_ms={self.upstream_ms:.1f} total_ms={total:.1f}")
+
+
+class HTTPProxy:
+    def __init__(self, settings: Settings, runner=None):
+        self.s = settings
+        self.runner = runner
+        self.engine = runner.engine if runner is not None else None
+        self.counters = self.engine.counters if self.engine is not None else _Counters()
+        self.slots = threading.BoundedSemaphore(settings.max_connections)
+        self.lsock: socket.socket | None = None
+        self.port_lock = threading.Lock()
+        self.ports_in_use: set[int] = set()
+        self._port_iter = itertools.cycle(range(settings.ports[0], settings.ports[1] + 1))
+        if runner is not None:
+            runner.on_forget = self.forget
+
+    # -- listening -------------------------------------------------------------------------
+    def open(self) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(self.s.listen)
+        s.listen(1024)
+        self.lsock = s
+
+    def serve(self, stop: threading.Event) -> None:
+        assert self.lsock is not None
+        while not stop.is_set():
+            r, _, _ = select.select([self.lsock], [], [], 0.2)
+            if not r:
+                continue
+            try:
+                csock, caddr = self.lsock.accept()
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    self.counters["http.accept_emfile"] += 1
+                    time.sleep(0.05)
+                continue
+            if not self.slots.acquire(blocking=False):
+                self.counters["http.refused_max_connections"] += 1
+                _abort(csock)
+                continue
+            self.counters["http.connections"] += 1
+            threading.Thread(target=self._client, args=(csock, caddr), daemon=True).start()
+
+    def close(self) -> None:
+        if self.lsock is not None:
+            self.lsock.close()
+            self.lsock = None
+
+    # -- one client connection ---------------------------------------------------------------
+    def _client(self, csock: socket.socket, caddr) -> None:
+        client = Conn(csock, f"client {caddr[0]}:{caddr[1]}")
+        up: Conn | None = None
+        up_addr = None
+        handed_off = False
+        try:
+            first = True
+            while True:
+                ex = Exchange(f"{caddr[0]}:{caddr[1]}")
+                try:
+                    req = self._read_request(client, first)
+                except _Closed:
+                    return
+                except HTTPError as e:
+                    self._refuse(client, ex, e.status, e.reason)
+                    return
+                first = False
+                ex.method, ex.target = req.method, req.target
+                self.counters["http.requests"] += 1
+                try:
+                    addr = self._upstream_for(req)
+                    if req.method == "CONNECT":
+                        handed_off = self._connect(client, req, addr, ex)
+                        return
+                    if up is None or up_addr != addr or up.eof:
+                        if up is not None:
+                            self._drop(up)
+                        up, up_addr = self._dial(addr), addr
+                    keep, handed_off = self._exchange(client, up, req, ex, caddr[0])
+                except HTTPError as e:
+                    self._refuse(client, ex, e.status, e.reason)
+                    return
+                except UpstreamError as e:
+                    self.counters["http.upstream_errors"] += 1
+                    log.warning("%s %s: %s", ex.client, req.target, e.reason)
+                    if ex.status == 0:
+                        self._refuse(client, ex, 502, f"upstream failed: {e.reason}")
+                    else:
+                        access.info(ex.line())
+                    return
+                except _Upstream as e:
+                    self.counters["http.upstream_errors"] += 1
+                    if ex.status == 0:
+                        self._refuse(client, ex, e.status, e.reason)
+                    else:
+                        # Headers already went out: the client must see a truncated
+                        # message, never a complete-looking one.
+                        access.info(ex.line() + " aborted")
+                        _abort(csock)
+                        csock = None
+                    return
+                access.info(ex.line())
+                if handed_off or not keep:
+                    return
+                if up is not None and up.eof:
+                    self._drop(up)
+                    up = None
+        except _Closed as e:
+            log.debug("%s", e)
+        finally:
+            if not handed_off:
+                if csock is not None:
+                    _close(csock)
+                if up is not None:
+                    self._drop(up)
+                self.slots.release()
+
+    def _read_request(self, client: Conn, first: bool) -> http1.Request:
+        wait = self.s.timeouts.header if first else self.s.timeouts.idle
+        deadline = None
+        while True:
+            if client.buf:
+                res = http1.parse_request_head(client.buf, self.s.limits)
+                if res is not None:
+                    req, n = res
+                    del client.buf[:n]
+                    return req
+                if deadline is None:       # the head has begun: the header timeout runs
+                    deadline = time.monotonic() + self.s.timeouts.header
+            if client.eof:
+                if client.buf:
+                    raise HTTPError(400, "connection closed inside the request head")
+                raise _Closed("client closed")
+            left = wait if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                self.counters["http.header_timeouts"] += 1
+                raise _Closed("request head timeout")
+            client.fill(left)
+
+    def _upstream_for(self, req: http1.Request) -> tuple[str, int]:
+        if self.s.upstream is not None:
+            if req.form in ("absolute", "authority"):
+                if req.method == "CONNECT":
+                    raise HTTPError(405, "CONNECT is for the forward proxy")
+            return self.s.upstream
+        if req.method == "CONNECT":
+            if req.port not in self.s.connect_ports:
+                raise HTTPError(403, f"CONNECT to port {req.port} is not allowed")
+            return _resolve(req.host), req.port
+        if req.form != "absolute":
+            raise HTTPError(400, "a forward proxy needs an absolute-form target")
+        return _resolve(req.host), req.port or 80
+
+    def _dial(self, addr: tuple[str, int]) -> Conn:
+        sock = self._bound_socket()
+        sock.settimeout(self.s.timeouts.connect)
+        try:
+            sock.connect(addr)
+        except (socket.timeout, TimeoutError):
+            self._release_port(sock)
+            _close(sock)
+            raise _Upstream(504, f"connecting to {addr[0]}:{addr[1]} timed out") from None
+        except OSError as e:
+            self._release_port(sock)
+            _close(sock)
+            raise _Upstream(502, f"connecting to {addr[0]}:{addr[1]}: {e.strerror or e}") from None
+        return Conn(sock, f"upstream {addr[0]}:{addr[1]}")
+
+    def _bound_socket(self) -> socket.socket:
+        """Upstream sockets use our port range: the rules match it, nothing else."""
+        lo, hi = self.s.ports
+        with self.port_lock:
+            for _ in range(hi - lo + 1):
+                port = next(self._port_iter)
+                if port in self.ports_in_use:
+                    continue
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((self.s.source or "0.0.0.0", port))
+                except OSError:
+                    s.close()
+                    continue
+                self.ports_in_use.add(port)
+                return s
+        raise _Upstream(502, "no free source port in the upstream port range")
+
+    def _drop(self, up: Conn) -> None:
+        self._release_port(up.sock)
+        _close(up.sock)
+
+    def _release_port(self, sock: socket.socket) -> None:
+        try:
+            port = sock.getsockname()[1]
+        except OSError:
+            return
+        with self.port_lock:
+            self.ports_in_use.discard(port)
+
+    # -- a request and its response ----------------------------------------------------------
+    def _exchange(self, client: Conn, up: Conn, req: http1.Request, ex: Exchange,
+                  client_ip: str) -> tuple[bool, bool]:
+        """Forward REQ and its response.  Returns (keep the client connection, handed off)."""
+        t0 = time.monotonic()
+        head = http1.forwarding_head(req, via=self.s.via, client_addr=client_ip,
+                                     reverse=self.s.upstream is not None, upgrade_allowed=True)
+        up.send(head)
+        framing = req.body_framing()
+        resp = None
+        if http1.expects_continue(req) and framing != ("none",):
+            resp = self._read_response(up, req)     # 100 Continue, or a final answer
+            if resp.status == 100:
+                client.send(http1.forwarding_head(resp, via=self.s.via))
+                resp = None
+            else:
+                framing = ("unread",)
+        if framing[0] == "length":
+            ex.bytes_in += self._copy_length(client, up, framing[1], self.s.timeouts.header)
+        elif framing[0] == "chunked":
+            ex.bytes_in += self._copy_chunked(client, up, upstream=False)
+        while resp is None or 100 <= resp.status < 200 and resp.status != 101:
+            if resp is not None:
+                client.send(http1.forwarding_head(resp, via=self.s.via))
+            resp = self._read_response(up, req)
+        ex.upstream_ms = (time.monotonic() - t0) * 1000
+        ex.status = resp.status
+        rframing = resp.body_framing(req.method)
+        keep = (http1.keep_alive(req) and http1.keep_alive(resp) and framing != ("unread",))
+        if resp.status == 101 and not http1.is_upgrade(req):
+            raise UpstreamError("101 Switching Protocols to a request that did not ask to upgrade")
+        splice = (self.runner is not None and self.s.splice and
+                  (rframing[0] in ("close", "tunnel") or
+                   rframing[0] == "length" and rframing[1] >= self.s.threshold))
+        if rframing[0] == "tunnel":
+            client.send(http1.forwarding_head(resp, via=self.s.via, upgrade_allowed=True))
+            return False, self._tunnel(client, up, ex)
+        out_head = http1.forwarding_head(resp, via=self.s.via, close=splice or not keep)
+        client.send(out_head)
+        ex.bytes_out += len(out_head)
+        if rframing[0] == "none":
+            return keep, False
+        if splice:
+            remaining = rframing[1] if rframing[0] == "length" else None
+            return False, self._splice_response(client, up, ex, remaining)
+        if rframing[0] == "length":
+            ex.bytes_out += self._copy_length(up, client, rframing[1], self.s.timeouts.response, upstream=True)
+        elif rframing[0] == "chunked":
+            ex.bytes_out += self._copy_chunked(up, client, upstream=True)
+        else:   # close-delimited, copied
+            ex.bytes_out += self._copy_until_eof(up, client)
+            return False, False
+        if not http1.keep_alive(resp):
+            up.eof = True      # (closed by the caller)
+        return keep, False
+
+    def _read_response(self, up: Conn, req: http1.Request) -> http1.Response:
+        deadline = time.monotonic() + self.s.timeouts.response
+        while True:
+            if up.buf:
+                res = http1.parse_response_head(up.buf, req.method, self.s.limits)
+                if res is not None:
+                    resp, n = res
+                    del up.buf[:n]
+                    return resp
+            if up.eof:
+                raise UpstreamError("closed before a complete response head")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Upstream(504, "no response from the upstream in time")
+            try:
+                up.fill(left)
+            except _Closed as e:
+                raise _Upstream(504 if "timeout" in str(e) else 502, str(e)) from None
+
+    # -- copying ---------------------------------------------------------------------------------
+    def _copy_length(self, src: Conn, dst: Conn, n: int, timeout: float, upstream: bool = False) -> int:
+        left = n
+        while left:
+            if not src.buf:
+                if src.eof:
+                    self._truncated(src, upstream, n - left, n)
+                try:
+                    src.fill(timeout)
+                except _Closed:
+                    self._truncated(src, upstream, n - left, n)
+                if src.eof and not src.buf:
+                    self._truncated(src, upstream, n - left, n)
+            chunk = src.take(min(left, len(src.buf)))
+            dst.send(chunk)
+            left -= len(chunk)
+        return n
+
+    def _truncated(self, src: Conn, upstream: bool, got: int, n: int):
+        self.counters["http.truncated_bodies"] += 1
+        if upstream:
+            raise _Upstream(502, f"{src.name} ended the body after {got} of {n} bytes")
+        raise _Closed(f"{src.name} ended the body after {got} of {n} bytes")
+
+    def _copy_chunked(self, src: Conn, dst: Conn, upstream: bool) -> int:
+        scanner = http1.ChunkedScanner(upstream=upstream, limits=self.s.limits)
+        total = 0
+        while not scanner.done:
+            if not src.buf:
+                if src.eof:
+                    self._truncated(src, upstream, total, -1)
+                try:
+                    src.fill(self.s.timeouts.response)
+                except _Closed:
+                    self._truncated(src, upstream, total, -1)
+                continue
+            n = scanner.feed(src.buf)
+            chunk = src.take(n)
+            dst.send(chunk)
+            total += n
+        return total
+
+    def _copy_until_eof(self, src: Conn, dst: Conn) -> int:
+        total = 0
+        while True:
+            if src.buf:
+                chunk = src.take(len(src.buf))
+                dst.send(chunk)
+                total += len(chunk)
+            if src.eof:
+                return total
+            try:
+                src.fill(self.s.timeouts.response)
+            except _Closed:
+                return total
+
+    # -- CONNECT and tunnels -----------------------------------------------------------------
+    def _connect(self, client: Conn, req: http1.Request, addr, ex: Exchange) -> bool:
+        try:
+            up = self._dial(addr)
+        except _Upstream as e:
+            self._refuse(client, ex, e.status, e.reason)
+            return False
+        ex.status = 200
+        client.send(b"HTTP/1.1 200 Connection Established\r\nVia: 1.1 " + self.s.via.encode() + b"\r\n\r\n")
+        access.info(ex.line())
+        handed = self._tunnel(client, up, ex)
+        if not handed:
+            self._drop(up)
+        return handed
+
+    def _tunnel(self, client: Conn, up: Conn, ex: Exchange) -> bool:
+        """Both directions raw from here: spliced when we can, else copied."""
+        ex.mode = "spliced" if self.runner is not None and self.s.splice else "copied"
+        if ex.mode == "spliced":
+            return self._handoff(client, up, limits=(None, None))
+        self._relay(client, up)
+        return False
+
+    def _relay(self, a: Conn, b: Conn) -> None:
+        for c, other in ((a, b), (b, a)):
+            if c.buf:
+                other.send(c.take(len(c.buf)))
+        socks = {a.sock: b, b.sock: a}
+        open_ = {a.sock, b.sock}
+        while open_:
+            r, _, _ = select.select(list(open_), [], [], self.s.timeouts.splice_idle)
+            if not r:
+                return
+            for s in r:
+                try:
+                    data = s.recv(RECV)
+                except OSError:
+                    return
+                if not data:
+                    open_.discard(s)
+                    try:
+                        socks[s].sock.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                    continue
+                socks[s].send(data)
+
+    # -- splicing ------------------------------------------------------------------------------
+    def _splice_response(self, client: Conn, up: Conn, ex: Exchange, remaining: int | None) -> bool:
+        ex.mode = "spliced"
+        # Body bytes already read with the head go first, through the socket.
+        if up.buf:
+            n = len(up.buf) if remaining is None else min(len(up.buf), remaining)
+            client.send(up.take(n))
+            ex.bytes_out += n
+            if remaining is not None:
+                remaining -= n
+            up.buf.clear()    # anything after the body is not part of this message
+        if remaining == 0:
+            self.counters["http.splice_skipped_small"] += 1
+            return False
+        handed = self._handoff(client, up, limits=(0, remaining), ex=ex)
+        if remaining is not None:
+            ex.bytes_out += remaining
+        return handed
+
+    def _handoff(self, client: Conn, up: Conn, limits, ex: Exchange | None = None) -> bool:
+        """Register, drain, freeze, splice.  True when the engine owns the pair now."""
+        csock, usock = client.sock, up.sock
+        cpeer, cloc = csock.getpeername(), csock.getsockname()
+        upeer, uloc = usock.getpeername(), usock.getsockname()
+        pair = Pair(Endpoint(socket.inet_aton(cpeer[0]), cpeer[1]), Endpoint(socket.inet_aton(cloc[0]), cloc[1]),
+                    Endpoint(socket.inet_aton(uloc[0]), uloc[1]), Endpoint(socket.inet_aton(upeer[0]), upeer[1]))
+        pair.owner = (csock, usock)
+        self.runner.register(pair)
+        try:
+            copied, finished, limits = self._drain(client, up, limits)
+            a = handoff.freeze(csock)
+            b = handoff.freeze(usock)
+            self.runner.splice(pair, a, b, copied=copied, finished=finished, limits=limits)
+        except (OSError, ValueError, _Closed) as e:
+            self.counters["http.splice_fallback"] += 1
+            log.warning("%s: hand-off failed (%s)", pair.describe(), e)
+            if pair.state == 0:
+                self.runner.abort(pair, "handoff_failed")
+            raise _Closed(str(e)) from None
+        self.counters["http.spliced"] += 1
+        return True
+
+    def _drain(self, client: Conn, up: Conn, limits):
+        """Copy what reached the sockets before the engine held the pair, within LIMITS;
+        wait until both are quiescent.  Returns (copied, finished, remaining limits)."""
+        limits = list(limits)
+        copied = [0, 0]
+        finished = [False, False]
+        ends = ((client, up), (up, client))
+        for d, (src, dst) in enumerate(ends):
+            if src.buf:
+                n = len(src.buf) if limits[d] is None else min(len(src.buf), limits[d])
+                if n:
+                    dst.send(src.take(n))
+                    copied[d] += n
+                    if limits[d] is not None:
+                        limits[d] -= n
+                src.buf.clear()
+        deadline = time.monotonic() + 5.0
+        for c in (client, up):
+            c.sock.setblocking(False)
+        while True:
+            moved = False
+            for d, (src, dst) in enumerate(ends):
+                if finished[d]:
+                    continue
+                try:
+                    data = src.sock.recv(RECV)
+                except BlockingIOError:
+                    continue
+                except OSError as e:
+                    raise _Closed(f"{src.name}: {e.strerror or e}") from None
+                moved = True
+                if not data:
+                    finished[d] = True
+                    dst.sock.shutdown(socket.SHUT_WR)
+                    continue
+                if limits[d] is not None:
+                    keep = data[:limits[d]]
+                    if len(keep) < len(data):
+                        self.counters["dropped.beyond_message_bytes"] += len(data) - len(keep)
+                    data = keep
+                    limits[d] -= len(data)
+                if data:
+                    dst.sock.settimeout(max(0.1, deadline - time.monotonic()))
+                    dst.sock.sendall(data)
+                    dst.sock.setblocking(False)
+                    copied[d] += len(data)
+            if moved:
+                continue
+            if all(handoff.outq(c.sock) == 0 and handoff.inq(c.sock) == 0 for c in (client, up)):
+                return tuple(copied), tuple(finished), tuple(limits)
+            if time.monotonic() > deadline:
+                raise _Closed("sockets not quiescent for the hand-off")
+            select.select([c.sock for d, (c, _) in enumerate(ends) if not finished[d]], [], [], 0.005)
+
+    def forget(self, pair: Pair) -> None:
+        if pair.owner is None:
+            return
+        csock, usock = pair.owner
+        pair.owner = None
+        self._release_port(usock)
+        handoff.close_silently(csock)
+        handoff.close_silently(usock)
+        self.slots.release()
+
+    # -- errors ----------------------------------------------------------------------------------
+    def _refuse(self, client: Conn, ex: Exchange, status: int, reason: str) -> None:
+        ex.status = status
+        self.counters[f"http.status_{status}"] += 1
+        body = http1.error_response(status, reason, head_only=ex.method == "HEAD")
+        ex.bytes_out += len(body)
+        try:
+            client.send(body)
+        except _Closed:
+            pass
+        access.info(ex.line() + f" ({reason})")
+
+
+class _Upstream(Exception):
+    """The upstream failed (refused, timed out, vanished): 502 or 504."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class _Counters(dict):
+    def __missing__(self, key):
+        return 0
+
+
+def _resolve(host: str) -> str:
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        raise _Upstream(502, f"cannot resolve {host}") from None
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def _abort(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    except OSError:
+        pass
+    _close(sock)
