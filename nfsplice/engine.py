@@ -114,6 +114,10 @@ class Pair:
     frozen: tuple | None = None   # (SocketState A, SocketState B) at the splice
     end_seq: list = field(default_factory=lambda: [None, None])  # message end per direction
     end_fin: list = field(default_factory=lambda: [True, True])   # FIN at the end may pass
+    next_seq: list = field(default_factory=lambda: [None, None])  # highest seq+len seen per side
+    end_acked: list = field(default_factory=lambda: [False, False])
+    message_done: float | None = None  # when the receivers acknowledged every message end
+    overrun: bool = False              # a sender went past its message end
 
     def in_keys(self) -> tuple[bytes, ...]:
         """Keys of packets arriving at the proxy: from the client, from the server."""
@@ -151,7 +155,8 @@ class Engine:
     """Pair table and per-packet decisions.  Not thread-safe: callers hold `runner.lock`."""
 
     def __init__(self, tap=None, *, linger: float = 2.0, idle_timeout: float = 300.0,
-                 handoff_timeout: float = 10.0, clock=time.monotonic):
+                 handoff_timeout: float = 10.0, message_close_timeout: float = 10.0,
+                 clock=time.monotonic):
         self.flows: dict[bytes, tuple[Pair, int]] = {}
         self.out_flows: dict[bytes, Pair] = {}
         self.syns: dict[bytes, _SynRecord] = {}
@@ -161,6 +166,7 @@ class Engine:
         self.linger = linger
         self.idle_timeout = idle_timeout
         self.handoff_timeout = handoff_timeout
+        self.message_close_timeout = message_close_timeout
         self.clock = clock
         self._ids = itertools.count(1)
         self.forgotten: list[Pair] = []   # pairs forgotten since the caller last looked
@@ -186,6 +192,8 @@ class Engine:
             return Decision.ACCEPT
         key = v.key()
         if hook == HOOK_LOCAL_OUT:
+            if mark == INJECT_MARK:
+                return Decision.ACCEPT          # our own (a RST ending an overrun pair)
             pair = self.out_flows.get(key)
             if pair is not None and pair.state >= State.SPLICED:
                 if _prefreeze_ack(pair, key, v):
@@ -276,6 +284,9 @@ class Engine:
                 csum_partial = True    # the payload changed: summed in full
         flags = v.flags
         plen = v.payload_len
+        nxt = seq.add(v.seq, plen)
+        if pair.next_seq[d] is None or seq.gt(nxt, pair.next_seq[d]):
+            pair.next_seq[d] = nxt
         if plen:
             tap = pair.tap[d]
             if tap is not None:
@@ -294,6 +305,11 @@ class Engine:
         if flags & FIN:
             pair.fin_seq[d] = seq.add(v.seq, plen)
         o = 1 - d
+        if (flags & ACK and pair.end_seq[o] is not None and not pair.end_acked[o]
+                and seq.ge(seq.add(v.ack, tr.ack_delta), pair.end_seq[o])):
+            pair.end_acked[o] = True
+            if all(pair.end_seq[x] is None or pair.end_acked[x] for x in (C2S, S2C)):
+                pair.message_done = pair.last_seen     # every message delivered whole
         if flags & ACK and pair.fin_seq[o] is not None and not pair.fin_acked[o]:
             # The ack is in this side's view of the other's sequence space; translated it
             # is in the other sender's own space, where its FIN was recorded.
@@ -325,6 +341,7 @@ class Engine:
         if cut:
             c["dropped.beyond_message_bytes"] += cut
             c["trimmed.beyond_message"] += 1
+            pair.overrun = True
         if flags != v.flags:
             c["dropped.beyond_message_fin"] += 1
         n = len(v.buf) - cut
@@ -493,6 +510,12 @@ class Engine:
             elif pair.state == State.CLOSING:
                 if now - (pair.closing_since or now) >= self.linger:
                     self._forget(pair, "closed" if not pair.reset else "reset")
+            elif pair.message_done is not None and (
+                    pair.overrun or now - pair.message_done > self.message_close_timeout):
+                # The message was delivered whole, but the connection does not end by
+                # itself: the origin sent more than the message (what it sent past the
+                # end was cut) or neither side closes.  Both get a RST.
+                self._reset_both(pair, "overrun" if pair.overrun else "message_done_timeout")
             elif now - pair.last_seen > self.idle_timeout:
                 self._forget(pair, "idle_timeout")
         if self.syns:
@@ -500,6 +523,22 @@ class Engine:
             for k in stale:
                 del self.syns[k]
         return out
+
+    def _reset_both(self, pair: Pair, why: str) -> None:
+        """End a spliced pair with a RST to each side, in each side's sequence space."""
+        for d in (C2S, S2C):
+            tr = pair.tr[d]
+            st = pair.frozen[1] if d == C2S else pair.frozen[0]   # the socket we pose as
+            nxt = pair.next_seq[d]
+            if pair.end_seq[d] is not None and (nxt is None or seq.gt(nxt, pair.end_seq[d])):
+                nxt = pair.end_seq[d]
+            rst_seq = seq.add(nxt, tr.seq_delta) if nxt is not None else st.snd_seq
+            self.injected.append(packet.build(tr.src, tr.dst, tr.sport, tr.dport, rst_seq, 0, RST,
+                                              window=0))
+        self.counters["pairs.reset_by_engine." + why] += 1
+        pair.reset = True
+        self._closing(pair)
+        pair.closing_since = self.clock() if pair.closing_since is None else pair.closing_since
 
     def _forget(self, pair: Pair, reason: str | None) -> None:
         for key in pair.in_keys():
@@ -533,6 +572,9 @@ class Engine:
         out["pairs.active"] = len(self.pairs)
         out["pairs.handoff"] = sum(1 for p in self.pairs.values() if p.state == State.HANDOFF)
         out["held.now"] = sum(len(p.held) for p in self.pairs.values())
+        now = self.clock()
+        out["pairs.oldest"] = [f"{p.describe()} {p.state.name} idle {now - p.last_seen:.1f}s"
+                               for p in sorted(self.pairs.values(), key=lambda p: p.last_seen)[:10]]
         return out
 
 

@@ -158,3 +158,31 @@ def test_record_roundtrip():
     p2, a2, b2 = pair_from_record(rec)
     assert (a2, b2) == (A, B) and p2.in_keys() == pair.in_keys()
     assert struct.unpack("!H", p2.in_keys()[0][8:10])[0] == 40000
+
+
+def test_overrun_ends_the_pair_with_resets_once_the_message_is_delivered():
+    eng = Engine(linger=1.0)
+    pair = new_pair(eng, limits=(0, 100))
+    run(eng, from_server(70000, 90000, payload=b"m" * 100))
+    run(eng, from_server(70100, 90000, payload=b"garbage"))        # past the end: cut
+    assert pair.overrun and pair.message_done is None
+    eng.tick(now=1.1)
+    assert not eng.injected                                         # not yet delivered
+    run(eng, from_client(5000, 1100))                               # the client has it all
+    assert pair.message_done is not None
+    eng.tick(now=1.2)
+    rsts = [valid(p) for p in eng.injected]
+    assert sorted((ip.dst, ip[TCP].flags & 0x04, ip[TCP].seq) for ip in rsts) == \
+        [("198.18.1.2", 4, 1100), ("198.18.2.2", 4, 90000)]
+    assert pair.state == State.CLOSING and pair.reset
+
+
+def test_long_spliced_body_not_cut_by_the_message_timer():
+    """A response splice has a c2s limit of 0, delivered at once; the pair's message is
+    done only when the body is acknowledged too."""
+    eng = Engine(message_close_timeout=10.0)
+    pair = new_pair(eng, limits=(0, 1 << 30))
+    run(eng, from_client(5000, 1000))
+    run(eng, from_server(70000, 90000, payload=b"x" * 1000))
+    eng.tick(now=100.0)
+    assert pair.message_done is None and pair.state == State.SPLICED and not eng.injected

@@ -210,7 +210,11 @@ class HTTPProxy:
                     if ex.status == 0:
                         self._refuse(client, ex, 502, f"upstream failed: {e.reason}")
                     else:
-                        access.info(ex.line())
+                        # The head went out already: end with a reset, so the client
+                        # cannot take what it got for a complete message.
+                        access.info(ex.line() + f" aborted ({e.reason})")
+                        _abort(csock)
+                        csock = None
                     return
                 except _Upstream as e:
                     self.counters["http.upstream_errors"] += 1
