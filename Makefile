@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # haproxy, nginx and its stream module are benchmark peers (and their smoke test runs in make test).
 APT_PACKAGES := nftables iptables libnetfilter-queue-dev tcpdump iproute2 gcc curl \
-	haproxy nginx libnginx-mod-stream
+	haproxy nginx libnginx-mod-stream wrk
 
 .PHONY: setup apt venv lab test unit bench cleanup clean
 

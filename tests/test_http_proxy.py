@@ -308,3 +308,56 @@ def test_nothing_left_after_requests(env):
         time.sleep(0.5)
     detail = lab.run(lab.proxy, "ss", "-tanoie").stdout.decode()
     assert not left, (left, detail, procs[SPLICED].access_lines()[-8:])
+
+
+@pytest.mark.parametrize("port", [SPLICED, COPIED])
+def test_pipelined_requests_answered_in_order(env, port):
+    lab, so, _ngx, _procs = env
+    paths = ["/len/10", "/chunked/5000/999", "/len/3000", "/len/1"]
+    req = b"".join(f"GET {p} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for p in paths)
+    res = raw_exchange(lab, [req, ("recv", 1)], addr=PROXY, port=port, idle=1.5)
+    pos = 0
+    from netns_lab.origins import decode_chunked, parse_response
+    for p in paths:
+        resp = parse_response(res.data, pos)
+        assert resp.status == 200, (p, res.data[pos:pos + 200])
+        if resp.get("transfer-encoding"):
+            body, _trailers, end, _sizes = decode_chunked(res.data, pos + resp.head_len)
+            pos = end
+        else:
+            n = int(resp.get("content-length"))
+            body = res.data[pos + resp.head_len:pos + resp.head_len + n]
+            pos += resp.head_len + n
+        assert sha(body) == expected_sha256(p), p
+    assert pos == len(res.data)
+
+
+SLOWLORIS = r"""
+import socket, sys, time
+n = int(sys.argv[1])
+socks = []
+for i in range(n):
+    s = socket.socket()
+    s.setblocking(True)
+    s.connect(("198.18.1.1", 8080))
+    s.send(b"GET /len/1 HTTP/1.1\r\nHost: x\r\n")      # and never the end of the head
+    socks.append(s)
+print("open", len(socks), flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_slowloris_does_not_stop_a_normal_client(env):
+    """1,000 connections that never finish their request head: a normal client is still
+    served at once; the header timeout then closes them (10 s by default)."""
+    lab, so, _ngx, procs = env
+    slow = lab.popen(lab.client, sys.executable, "-c", SLOWLORIS, "1000", "15", stdout=subprocess.PIPE)
+    try:
+        assert slow.stdout.readline().startswith(b"open 1000")
+        t0 = time.monotonic()
+        r = curl(lab, "-o", "-", f"http://{PROXY}:{SPLICED}/len/1048576")
+        assert r.returncode == 0 and sha(r.stdout) == expected_sha256("/len/1048576"), r.stderr
+        assert time.monotonic() - t0 < 5
+    finally:
+        slow.kill()
+        slow.wait()
