@@ -128,6 +128,8 @@ def start_peer(lab: Lab, peer: Peer, workdir: Path, prefix: str, timeout: float 
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "tmp").mkdir(exist_ok=True)
     ready_file = workdir / "ready" if peer.uses_ready_file else None
+    if ready_file is not None:
+        ready_file.unlink(missing_ok=True)
     values = {"python": sys.executable, "listen": _hostport(LISTEN), "upstream": _hostport(ORIGIN),
               "ready_file": str(ready_file or ""), "dir": str(workdir), "instance": instance_name(prefix, peer)}
     if peer.config is not None:
@@ -142,6 +144,32 @@ def start_peer(lab: Lab, peer: Peer, workdir: Path, prefix: str, timeout: float 
         run.stop()
         raise
     return run
+
+
+def port_sockets(lab: Lab, port: int) -> dict[str, int]:
+    """Sockets on local PORT in the proxy namespace, by state, TIME-WAIT left out."""
+    try:
+        p = lab.run(lab.proxy, "ss", "-Htan", f"sport = :{port}", check=False, timeout=10)
+    except subprocess.TimeoutExpired:
+        return {"ss-timeout": 1}
+    states: dict[str, int] = {}
+    for line in p.stdout.decode(errors="replace").splitlines():
+        st = line.split()[0] if line.strip() else ""
+        if st and st != "TIME-WAIT":
+            states[st] = states.get(st, 0) + 1
+    return states
+
+
+def wait_port_free(lab: Lab, port: int, timeout: float = 10.0) -> tuple[float, dict[str, int]]:
+    """After a peer stopped: wait until no socket but TIME-WAIT holds PORT (the next peer
+    binds it); return the seconds waited and what was there at first."""
+    t0 = time.monotonic()
+    first = port_sockets(lab, port)
+    states = first
+    while states and time.monotonic() - t0 < timeout:
+        time.sleep(0.1)
+        states = port_sockets(lab, port)
+    return time.monotonic() - t0, first
 
 
 def nfsplice_counters(prefix: str, peer: Peer) -> dict | None:
@@ -425,8 +453,13 @@ def measure_peer(lab: Lab, ngx: NginxOrigin, files: Files, peer: Peer, s: Settin
     finally:
         if running is not None:
             code = running.stop()
+            waited, left = wait_port_free(lab, LISTEN[1])
             for r in recs:
                 r["peer_exit_code"] = code
+            if left and recs:
+                # e.g. connections of the stopped peer still closing; the next peer waits for them
+                recs[-1]["port_busy_after_stop"] = {"states": left, "waited_s": round(waited, 2)}
+                s.log(f"round {rnd} {peer.name:14s} after stop: {left} on port {LISTEN[1]}, waited {waited:.1f} s")
             if peer.is_nfsplice:
                 counters = nfsplice_counters(s.prefix, peer)
                 if counters is not None and recs:
@@ -480,6 +513,8 @@ def summarize(runs: list[dict], peers: list[Peer], sizes: list[int]) -> dict:
                          for r in mine if not r["ok"]],
             "nfsplice_counters": [{"round": r["round"], **r["nfsplice_counters"]}
                                   for r in mine if r.get("nfsplice_counters")],
+            "port_busy_after_stop": [{"round": r["round"], **r["port_busy_after_stop"]}
+                                     for r in mine if r.get("port_busy_after_stop")],
         }
     for n in sizes:
         per: dict = {}
@@ -539,7 +574,9 @@ def markdown(result: dict) -> str:
         f"{size_label(meta['big_bytes'])} curl download to /dev/null. {meta['rounds']} round(s); medians over rounds.",
         "- CPU = whole machine (all CPUs, /proc/stat busy ticks: wrk or curl, the peer, the origin, the kernel) "
         "from right before the client starts to right after it exits. MB = 10^6 bytes; bytes as wrk counts them "
-        "(heads included). errors = socket errors (connect/read/write/timeout) + non-2xx/3xx, summed over rounds.",
+        "(heads included). errors = socket errors (connect/read/write/timeout) + non-2xx/3xx, summed over rounds; "
+        "wrk's timeout counts responses slower than its 2 s --timeout (they are not aborted), and wrk counts only "
+        "responses complete before the end of the run.",
         f"- other load on the machine right before the runs (CPUs busy, 0-{m['nproc']}): "
         f"max {_fmt(max(bg, default=None), 2)}, median {_fmt(_median(bg), 2)}",
         "", f"Note: {CLOSE_NOTE}", "",
@@ -574,6 +611,11 @@ def markdown(result: dict) -> str:
         for name, c in counters:
             shown = ", ".join(f"{k} {v}" for k, v in c.items() if k != "round" and k.startswith(keep))
             lines.append(f"- `{name}` round {c['round']}: {shown or '-'}")
+    busy = [(name, b) for name, p in summ["peers"].items() for b in p.get("port_busy_after_stop", [])]
+    if busy:
+        lines += ["", f"Sockets (not TIME-WAIT) left on port {meta['listen'].rsplit(':', 1)[1]} right after a peer "
+                  "stopped (the next peer waited for them to go):", ""]
+        lines += [f"- `{name}` round {b['round']}: {b['states']}, gone after {b['waited_s']} s" for name, b in busy]
     failures = [(name, e) for name, p in summ["peers"].items() for e in p["failures"]]
     if failures:
         lines += ["", "Failures:", ""]

@@ -78,6 +78,8 @@ class SocketState:
     timestamps: bool = False
     ts_now: int = 0       # TCP_TIMESTAMP: the TSval it would send now
     sack: bool = False
+    mss: int = 0          # tcpi_snd_mss
+    window: tuple = ()    # TCP_REPAIR_WINDOW: snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
 
 
 @dataclass
@@ -118,6 +120,9 @@ class Pair:
     end_acked: list = field(default_factory=lambda: [False, False])
     message_done: float | None = None  # when the receivers acknowledged every message end
     overrun: bool = False              # a sender went past its message end
+    resumable: bool = False            # at the message end the proxy takes both connections back
+    resuming: bool = False             # ... and is doing so: every packet is held meanwhile
+    spliced_at: float = 0.0
 
     def in_keys(self) -> tuple[bytes, ...]:
         """Keys of packets arriving at the proxy: from the client, from the server."""
@@ -173,6 +178,7 @@ class Engine:
         self.injected: list[bytearray] = []  # packets for the caller to send (pure ACKs)
         self.listeners: set[bytes] = set()    # (ip, port) of the L4 proxy: pairs start at SYN
         self.splice_log = None                # called with splice_record() at every splice
+        self.resumable: list[Pair] = []       # pairs whose message ended, for the proxy to resume
         self.trimmed: int | None = None       # set by process(): MANGLE'd packet's new length
 
     # -- the per-packet path ----------------------------------------------------------------
@@ -196,6 +202,11 @@ class Engine:
                 return Decision.ACCEPT          # our own (a RST ending an overrun pair)
             pair = self.out_flows.get(key)
             if pair is not None and pair.state >= State.SPLICED:
+                if pair.resuming:
+                    # The proxy's rebuilt socket (its window probe): it owns the
+                    # connection again.
+                    c["proxy_socket.resumed"] += 1
+                    return Decision.ACCEPT
                 if _prefreeze_ack(pair, key, v):
                     # The ACK that completed the upstream handshake (or one like it) was
                     # still waiting in the queue when the socket was frozen: it carries
@@ -233,6 +244,10 @@ class Engine:
             return Decision.DROP
         if pair.state == State.HANDOFF:
             return self._handoff(pair, d, v, buf, csum_partial, handle)
+        if pair.resuming:
+            pair.held.append(Held(handle, bytearray(buf), csum_partial, d))
+            c["held.resuming"] += 1
+            return Decision.HOLD
         try:
             self._forward(pair, d, v, csum_partial)
         except Malformed as e:
@@ -310,6 +325,13 @@ class Engine:
             pair.end_acked[o] = True
             if all(pair.end_seq[x] is None or pair.end_acked[x] for x in (C2S, S2C)):
                 pair.message_done = pair.last_seen     # every message delivered whole
+                if pair.resumable and not (flags & (FIN | RST) or pair.reset
+                                           or pair.fin_seq[C2S] is not None or pair.fin_seq[S2C] is not None):
+                    # From the next packet on, everything is held until the proxy has
+                    # rebuilt its sockets (resume_numbers, finish_resume).  A connection
+                    # that is closing is left to close through the splice instead.
+                    pair.resuming = True
+                    self.resumable.append(pair)
         if flags & ACK and pair.fin_seq[o] is not None and not pair.fin_acked[o]:
             # The ack is in this side's view of the other's sequence space; translated it
             # is in the other sender's own space, where its FIN was recorded.
@@ -423,8 +445,8 @@ class Engine:
         return pair
 
     def splice(self, pair: Pair, a: SocketState, b: SocketState, *, copied=(0, 0),
-               finished=(False, False), limits=(None, None),
-               end_fin=(True, True)) -> list[tuple[object, Decision, bytearray]]:
+               finished=(False, False), limits=(None, None), end_fin=(True, True),
+               resume: bool = False) -> list[tuple[object, Decision, bytearray]]:
         """Finish the hand-off with the frozen sockets' numbers; return the held packets'
         verdicts (in arrival order).  COPIED: bytes the proxy moved itself per direction
         before the splice; FINISHED: directions whose FIN the proxy already passed on.
@@ -453,6 +475,8 @@ class Engine:
             tsecr_floor=pair.tsval[C2S] if ts_on else None)
         pair.frozen = (a, b)
         pair.end_fin = list(end_fin)
+        pair.resumable = resume and any(x is not None for x in limits)
+        pair.spliced_at = self.clock()
         for d, limit in enumerate(limits):
             if limit is not None:
                 pair.end_seq[d] = seq.add(a.rcv_seq if d == C2S else b.rcv_seq, limit)
@@ -510,6 +534,16 @@ class Engine:
             elif pair.state == State.CLOSING:
                 if now - (pair.closing_since or now) >= self.linger:
                     self._forget(pair, "closed" if not pair.reset else "reset")
+            elif pair.resuming:
+                if now - pair.message_done > self.handoff_timeout:
+                    # The proxy never took the connections back: end them.
+                    out += [(h.handle, Decision.DROP, h.buf) for h in pair.held]
+                    pair.held = []
+                    pair.resuming = False
+                    self._reset_both(pair, "resume_timeout")
+            elif pair.resumable and pair.message_done is None:
+                if now - pair.last_seen > self.idle_timeout:
+                    self._forget(pair, "idle_timeout")
             elif pair.message_done is not None and (
                     pair.overrun or now - pair.message_done > self.message_close_timeout):
                 # The message was delivered whole, but the connection does not end by
@@ -522,6 +556,32 @@ class Engine:
             stale = [k for k, r in self.syns.items() if now - r.seen > 60.0]
             for k in stale:
                 del self.syns[k]
+        return out
+
+    def resume_numbers(self, pair: Pair) -> tuple[SocketState, SocketState]:
+        """The states the proxy's two sockets must have to carry on after the spliced
+        message: sequence numbers advanced by what the engine forwarded, timestamps
+        ahead of anything the peers saw from either side (PAWS only rejects older)."""
+        if not pair.resuming:
+            raise ValueError(f"{pair.describe()}: not at a message end")
+        a, b = pair.frozen
+        rcv = [pair.end_seq[d] if pair.end_seq[d] is not None else (pair.next_seq[d] or st.rcv_seq)
+               for d, st in ((C2S, a), (S2C, b))]
+        elapsed_ms = int((self.clock() - pair.spliced_at) * 1000) + 1000
+        a2 = SocketState(seq.add(rcv[S2C], pair.tr[S2C].seq_delta), rcv[C2S], a.snd_wscale, a.rcv_wscale,
+                         a.timestamps, seq.add(a.ts_now, elapsed_ms), a.sack, a.mss, a.window)
+        b2 = SocketState(seq.add(rcv[C2S], pair.tr[C2S].seq_delta), rcv[S2C], b.snd_wscale, b.rcv_wscale,
+                         b.timestamps, seq.add(b.ts_now, elapsed_ms), b.sack, b.mss, b.window)
+        return a2, b2
+
+    def finish_resume(self, pair: Pair) -> list[tuple[object, Decision, bytearray]]:
+        """The proxy's rebuilt sockets own both connections again: forget the pair and
+        let what was held go on unchanged, to them."""
+        out = [(h.handle, Decision.ACCEPT, h.buf) for h in pair.held]
+        pair.held = []
+        pair.resuming = False
+        self.counters["pairs.resumed"] += 1
+        self._forget(pair, None)
         return out
 
     def _reset_both(self, pair: Pair, why: str) -> None:

@@ -21,6 +21,10 @@ TCP_REPAIR = 19
 TCP_REPAIR_QUEUE = 20
 TCP_QUEUE_SEQ = 21
 TCP_TIMESTAMP = 24
+TCP_REPAIR_OPTIONS = 22
+TCP_REPAIR_WINDOW = 29
+# include/net/tcp.h option kinds, as TCP_REPAIR_OPTIONS takes them
+TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 TCP_RECV_QUEUE = 1
 TCP_SEND_QUEUE = 2
 TCPI_OPT_TIMESTAMPS = 1
@@ -31,6 +35,7 @@ SIOCINQ = 0x541B    # FIONREAD: bytes not yet read
 SIOCOUTQ = 0x5411   # TIOCOUTQ: bytes (and FIN) sent but not yet acknowledged
 
 _INT = struct.Struct("i")
+_U32 = struct.Struct("I")
 
 
 def inq(sock: socket.socket) -> int:
@@ -52,6 +57,7 @@ def tcp_info(sock: socket.socket) -> tuple[int, int, int]:
 def freeze(sock: socket.socket) -> SocketState:
     """Put SOCK in repair mode and read its state.  Needs CAP_NET_ADMIN."""
     options, snd_ws, rcv_ws = tcp_info(sock)
+    mss = struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 24), 16)[0]
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
     snd = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
@@ -61,7 +67,44 @@ def freeze(sock: socket.socket) -> SocketState:
     ts_now = sock.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP) & 0xFFFFFFFF if ts_on else 0
     if not options & TCPI_OPT_WSCALE:
         snd_ws = rcv_ws = 0
-    return SocketState(snd, rcv, snd_ws, rcv_ws, ts_on, ts_now, bool(options & TCPI_OPT_SACK))
+    window = struct.unpack("5I", sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, 20))
+    return SocketState(snd, rcv, snd_ws, rcv_ws, ts_on, ts_now, bool(options & TCPI_OPT_SACK), mss, window)
+
+
+def restore(local: tuple[str, int], peer: tuple[str, int], st: SocketState) -> socket.socket:
+    """A new established socket for the connection LOCAL<->PEER in state ST, without a
+    packet on the wire (the way CRIU restores connections).  The old socket of that
+    connection must be closed already (silently).  Repair mode forces the bind even
+    where a listener holds the address."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)   # sets SK_FORCE_REUSE: no SO_REUSEADDR after it
+        s.bind(local)
+        s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        s.setsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ, _U32.pack(st.snd_seq))
+        s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+        s.setsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ, _U32.pack(st.rcv_seq))
+        s.connect(peer)                                   # in repair mode: ESTABLISHED, nothing sent
+        opts = [(TCPOPT_MSS, st.mss or 1460)]
+        if st.snd_wscale or st.rcv_wscale:
+            opts.append((TCPOPT_WINDOW, st.snd_wscale | (st.rcv_wscale << 16)))
+        if st.sack:
+            opts.append((TCPOPT_SACK_PERM, 0))
+        if st.timestamps:
+            opts.append((TCPOPT_TIMESTAMP, 0))
+        s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_OPTIONS, b"".join(struct.pack("II", *o) for o in opts))
+        if st.timestamps:
+            s.setsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP, _U32.pack(st.ts_now))
+        if st.window:
+            _wl1, snd_wnd, max_window, rcv_wnd, _wup = st.window
+            s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW,
+                         struct.pack("5I", st.rcv_seq, snd_wnd, max_window, rcv_wnd, st.rcv_seq))
+        s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, 0)
+        s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)   # live again (sends a window probe)
+    except OSError:
+        s.close()
+        raise
+    return s
 
 
 def close_silently(sock: socket.socket) -> None:

@@ -34,6 +34,7 @@ class Runner:
         self.engine = engine
         self.instance = instance
         self.on_forget = on_forget
+        self.on_message_done = None
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.stats_interval = stats_interval
@@ -105,7 +106,7 @@ class Runner:
         while not self.stop.is_set():
             pkts = backend.receive(timeout=0.2)
             now = time.monotonic()
-            forgotten = injected = ()
+            forgotten = injected = resumable = ()
             with self.lock:
                 for p in pkts:
                     p.source = backend
@@ -124,6 +125,8 @@ class Runner:
                     next_tick = now + 0.2
                 if eng.forgotten:
                     forgotten, eng.forgotten = eng.forgotten, []
+                if eng.resumable:
+                    resumable, eng.resumable = eng.resumable, []
             for p, d in decided:
                 send(p, d)
             decided.clear()
@@ -132,6 +135,9 @@ class Runner:
             for pair in forgotten:
                 if self.on_forget is not None:
                     self.on_forget(pair)
+            for pair in resumable:
+                if self.on_message_done is not None:
+                    self.on_message_done(pair)
             if timers and now >= next_stats:
                 self.write_stats()
                 next_stats = now + self.stats_interval
@@ -144,6 +150,14 @@ class Runner:
     def splice(self, pair: Pair, a: SocketState, b: SocketState, **kw) -> None:
         with self.lock:
             self._send_all(self.engine.splice(pair, a, b, **kw))
+
+    def resume_numbers(self, pair: Pair):
+        with self.lock:
+            return self.engine.resume_numbers(pair)
+
+    def finish_resume(self, pair: Pair) -> None:
+        with self.lock:
+            self._send_all(self.engine.finish_resume(pair))
 
     def abort(self, pair: Pair, reason: str) -> None:
         with self.lock:

@@ -108,9 +108,16 @@ def test_bodies_exact(env, port, path):
     assert r.returncode == 0, r.stderr
     assert len(r.stdout) == expected_length(path) and sha(r.stdout) == expected_sha256(path)
     line = procs[port].access_line(f" GET {path} ")
-    want = "spliced" if port == SPLICED and (expected_length(path) >= 65536 and "chunked" not in path
+    n = expected_length(path)
+    want = "spliced" if port == SPLICED and (n >= 65536 and "chunked" not in path
                                              or path.startswith("/close")) else "copied"
-    assert f" 200 " in line and f" {want} " in line, line
+    assert " 200 " in line, line
+    if port == SPLICED and want == "spliced" and n < 300000:
+        # A body this small may have arrived whole before the engine held the pair:
+        # then the proxy delivered it itself, and the log says "copied".
+        assert " spliced " in line or " copied " in line, line
+    else:
+        assert f" {want} " in line, line
 
 
 @pytest.mark.parametrize("port", [SPLICED, COPIED])
@@ -130,6 +137,31 @@ def test_keepalive_sequence_of_mixed_sizes(env, port):
         assert sha(r.stdout[off:off + n]) == expected_sha256(p), p
         off += n
     assert off == len(r.stdout)
+
+
+def test_keepalive_survives_spliced_bodies(env):
+    """After a spliced body the proxy rebuilds its two sockets (TCP_REPAIR) and goes on:
+    one client connection and one origin connection carry every request."""
+    lab, so, _ngx, procs = env
+    so.clear_log()
+    paths = ["/len/2000000", "/len/10", "/len/1048576", "/len/5000", "/len/3000000"]
+    args = []
+    for p in paths:
+        args += ["-o", "-", f"http://{PROXY}:{SPLICED}{p}"]
+    r = curl(lab, "-w", "%{num_connects}", *args)
+    assert r.returncode == 0, r.stderr
+    off = 0
+    counts = []
+    for p in paths:
+        n = expected_length(p)
+        assert sha(r.stdout[off:off + n]) == expected_sha256(p), p
+        counts.append(r.stdout[off + n:off + n + 1])
+        off += n + 1
+    assert counts == [b"1", b"0", b"0", b"0", b"0"], counts      # one connection for all
+    conns = {(q["conn"]) for q in so.requests()}
+    assert len(conns) == 1 and [q["seq"] for q in so.requests()] == [1, 2, 3, 4, 5]
+    for p in ("/len/2000000", "/len/1048576", "/len/3000000"):
+        assert " spliced " in procs[SPLICED].access_line(f" GET {p} ")
 
 
 def test_extra_bytes_after_body_never_forwarded(env):

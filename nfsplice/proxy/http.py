@@ -62,6 +62,7 @@ class Settings:
     limits: http1.Limits = field(default_factory=http1.Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_connections: int = 4096
+    resume: bool = True            # keep-alive after a spliced body (sockets rebuilt)
     source: str | None = None
     ports: tuple[int, int] = (61000, 62999)
 
@@ -135,8 +136,10 @@ class HTTPProxy:
         self.port_lock = threading.Lock()
         self.ports_in_use: set[int] = set()
         self._port_iter = itertools.cycle(range(settings.ports[0], settings.ports[1] + 1))
+        self.waiters: dict[int, threading.Event] = {}
         if runner is not None:
             runner.on_forget = self.forget
+            runner.on_message_done = self.message_done
 
     # -- listening -------------------------------------------------------------------------
     def open(self) -> None:
@@ -173,6 +176,9 @@ class HTTPProxy:
 
     # -- one client connection ---------------------------------------------------------------
     def _client(self, csock: socket.socket, caddr) -> None:
+        # Heads and small bodies are separate writes: without NODELAY, Nagle holds the
+        # second one for the client's delayed ACK (~40 ms).
+        csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = Conn(csock, f"client {caddr[0]}:{caddr[1]}")
         up: Conn | None = None
         up_addr = None
@@ -292,6 +298,7 @@ class HTTPProxy:
             self._release_port(sock)
             _close(sock)
             raise _Upstream(502, f"connecting to {addr[0]}:{addr[1]}: {e.strerror or e}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return Conn(sock, f"upstream {addr[0]}:{addr[1]}")
 
     def _bound_socket(self) -> socket.socket:
@@ -359,17 +366,25 @@ class HTTPProxy:
         splice = (self.runner is not None and self.s.splice and
                   (rframing[0] in ("close", "tunnel") or
                    rframing[0] == "length" and rframing[1] >= self.s.threshold))
+        # A body of known length is spliced and the connections taken back after it
+        # (sockets rebuilt with TCP_REPAIR), so keep-alive survives the splice.
+        resume = splice and rframing[0] == "length" and keep and self.s.resume
         if rframing[0] == "tunnel":
             client.send(http1.forwarding_head(resp, via=self.s.via, upgrade_allowed=True))
             return False, self._tunnel(client, up, ex)
-        out_head = http1.forwarding_head(resp, via=self.s.via, close=splice or not keep)
+        out_head = http1.forwarding_head(resp, via=self.s.via, close=(splice and not resume) or not keep)
         client.send(out_head)
         ex.bytes_out += len(out_head)
         if rframing[0] == "none":
             return keep, False
         if splice:
             remaining = rframing[1] if rframing[0] == "length" else None
-            return False, self._splice_response(client, up, ex, remaining)
+            result = self._splice_response(client, up, ex, remaining, resume)
+            if result == "resumed":
+                return keep, False
+            if result == "copied":     # the whole body had arrived with the head
+                return keep and resume, False
+            return False, result
         if rframing[0] == "length":
             ex.bytes_out += self._copy_length(up, client, rframing[1], self.s.timeouts.response, upstream=True)
         elif rframing[0] == "chunked":
@@ -504,7 +519,10 @@ class HTTPProxy:
                 socks[s].send(data)
 
     # -- splicing ------------------------------------------------------------------------------
-    def _splice_response(self, client: Conn, up: Conn, ex: Exchange, remaining: int | None) -> bool:
+    def _splice_response(self, client: Conn, up: Conn, ex: Exchange, remaining: int | None,
+                         resume: bool = False):
+        """Returns True (the engine owns the pair now), "resumed" (the body went through
+        the engine and the proxy has both connections back) or "copied"."""
         ex.mode = "spliced"
         # Body bytes already read with the head go first, through the socket.
         if up.buf:
@@ -516,34 +534,88 @@ class HTTPProxy:
             up.buf.clear()    # anything after the body is not part of this message
         if remaining == 0:
             self.counters["http.splice_skipped_small"] += 1
-            return False
-        handed = self._handoff(client, up, limits=(0, remaining), ex=ex)
+            ex.mode = "copied"
+            return "copied"
+        handed = self._handoff(client, up, limits=(0, remaining), ex=ex, resume=resume)
         if remaining is not None:
             ex.bytes_out += remaining
         return handed
 
-    def _handoff(self, client: Conn, up: Conn, limits, ex: Exchange | None = None) -> bool:
-        """Register, drain, freeze, splice.  True when the engine owns the pair now."""
+    def _handoff(self, client: Conn, up: Conn, limits, ex: Exchange | None = None, resume: bool = False):
+        """Register, drain, freeze, splice.  True when the engine owns the pair now;
+        "resumed" when (RESUME) the engine reached the message end and the proxy has
+        rebuilt both sockets and carries on with them."""
         csock, usock = client.sock, up.sock
         cpeer, cloc = csock.getpeername(), csock.getsockname()
         upeer, uloc = usock.getpeername(), usock.getsockname()
         pair = Pair(Endpoint(socket.inet_aton(cpeer[0]), cpeer[1]), Endpoint(socket.inet_aton(cloc[0]), cloc[1]),
                     Endpoint(socket.inet_aton(uloc[0]), uloc[1]), Endpoint(socket.inet_aton(upeer[0]), upeer[1]))
-        pair.owner = (csock, usock)
+        pair.owner = [csock, usock, False]    # [2]: the engine owns the connection slot
+        done = threading.Event()
+        self.waiters[id(pair)] = done
         self.runner.register(pair)
         try:
             copied, finished, limits = self._drain(client, up, limits)
+            if resume and tuple(limits) == (0, 0) and not any(finished):
+                # The whole message reached the sockets before the engine held the
+                # pair: the proxy delivered it; nothing to splice, nothing to rebuild.
+                self.waiters.pop(id(pair), None)
+                self.runner.abort(pair, "delivered_by_proxy")
+                for c in (client, up):
+                    c.sock.setblocking(True)
+                if ex is not None:
+                    ex.mode = "copied"
+                return "copied"
             a = handoff.freeze(csock)
             b = handoff.freeze(usock)
-            self.runner.splice(pair, a, b, copied=copied, finished=finished, limits=limits)
+            self.runner.splice(pair, a, b, copied=copied, finished=finished, limits=limits, resume=resume)
         except (OSError, ValueError, _Closed) as e:
+            self.waiters.pop(id(pair), None)
             self.counters["http.splice_fallback"] += 1
             log.warning("%s: hand-off failed (%s)", pair.describe(), e)
             if pair.state == 0:
                 self.runner.abort(pair, "handoff_failed")
             raise _Closed(str(e)) from None
         self.counters["http.spliced"] += 1
-        return True
+        if pair.owner is not None:
+            pair.owner[2] = True
+        if not resume:
+            self.waiters.pop(id(pair), None)
+            return True
+        while not done.wait(1.0):
+            pass
+        self.waiters.pop(id(pair), None)
+        if not pair.resuming:
+            return True                 # it ended instead (FIN, RST, timeout): forgotten
+        return self._resume(pair, client, up, (cloc, cpeer), (uloc, upeer))
+
+    def _resume(self, pair: Pair, client: Conn, up: Conn, a_addr, b_addr):
+        """Rebuild both sockets at the message end and take the connections back."""
+        a2, b2 = self.runner.resume_numbers(pair)
+        handoff.close_silently(client.sock)
+        handoff.close_silently(up.sock)
+        pair.owner = None
+        try:
+            client.sock = handoff.restore(a_addr[0], a_addr[1], a2)
+            up.sock = handoff.restore(b_addr[0], b_addr[1], b2)
+        except OSError as e:
+            # The connections are lost: what was held meets no socket and gets a RST.
+            self.counters["http.resume_failed"] += 1
+            log.warning("%s: rebuilding the sockets failed (%s)", pair.describe(), e)
+            self.runner.finish_resume(pair)
+            raise _Closed(str(e)) from None
+        self.runner.finish_resume(pair)
+        self.counters["http.resumed"] += 1
+        client.buf.clear()
+        up.buf.clear()
+        client.eof = up.eof = False
+        return "resumed"
+
+    def message_done(self, pair: Pair) -> None:
+        """The engine reached the pair's message end (runner callback)."""
+        ev = self.waiters.get(id(pair))
+        if ev is not None:
+            ev.set()
 
     def _drain(self, client: Conn, up: Conn, limits):
         """Copy what reached the sockets before the engine held the pair, within LIMITS;
@@ -600,14 +672,20 @@ class HTTPProxy:
             select.select([c.sock for d, (c, _) in enumerate(ends) if not finished[d]], [], [], 0.005)
 
     def forget(self, pair: Pair) -> None:
+        ev = self.waiters.get(id(pair))
+        if ev is not None:
+            ev.set()
         if pair.owner is None:
             return
-        csock, usock = pair.owner
+        csock, usock, handed = pair.owner
         pair.owner = None
-        self._release_port(usock)
         handoff.close_silently(csock)
         handoff.close_silently(usock)
-        self.slots.release()
+        if handed:
+            # Else the connection's thread still runs (a shutdown during the hand-off):
+            # it fails on the closed sockets and releases port and slot itself.
+            self._release_port(usock)
+            self.slots.release()
 
     # -- errors ----------------------------------------------------------------------------------
     def _refuse(self, client: Conn, ex: Exchange, status: int, reason: str) -> None:

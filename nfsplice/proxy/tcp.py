@@ -125,7 +125,7 @@ class TCPSpliceProxy:
             lip, lport = csock.getsockname()
             pair = Pair(Endpoint(_ip(caddr[0]), caddr[1]), Endpoint(_ip(lip), lport),
                         Endpoint(_ip(src_ip), port), Endpoint(_ip(self.upstream[0]), self.upstream[1]))
-            pair.owner = (csock, usock, port)
+            pair.owner = [csock, usock, port, False]   # [3]: the engine owns the slot
             self.runner.register(pair)
             syn = pair.syn[C2S]
             if syn is not None and syn.mss:
@@ -151,6 +151,7 @@ class TCPSpliceProxy:
             a = handoff.freeze(csock)
             b = handoff.freeze(usock)
             self.runner.splice(pair, a, b, copied=copied, finished=finished)
+            pair.owner[3] = True
             self.counters["proxy.spliced"] += 1
             ms = int((time.monotonic() - t0) * 1000)
             self.counters["proxy.handoff_ms_total"] += ms
@@ -219,12 +220,14 @@ class TCPSpliceProxy:
         """The engine is done with PAIR: close its frozen sockets without a sound."""
         if pair.owner is None:
             return
-        csock, usock, port = pair.owner
+        csock, usock, port, handed = pair.owner
         pair.owner = None
         handoff.close_silently(csock)
         handoff.close_silently(usock)
-        self._release_port(port)
-        self.slots.release()
+        if handed:
+            # Else the hand-off thread still runs (shutdown): it releases them itself.
+            self._release_port(port)
+            self.slots.release()
 
     def close(self) -> None:
         if self.lsock is not None:
