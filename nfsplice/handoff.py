@@ -101,6 +101,9 @@ def restore(local: tuple[str, int], peer: tuple[str, int], st: SocketState) -> s
                          struct.pack("5I", st.rcv_seq, snd_wnd, max_window, rcv_wnd, st.rcv_seq))
         s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, 0)
         s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)   # live again (sends a window probe)
+        # Leaving repair mode sets SK_NO_REUSE: once closed, a socket lingering in
+        # FIN-WAIT would then keep anyone from binding the listen port again.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     except OSError:
         s.close()
         raise
