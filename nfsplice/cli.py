@@ -9,9 +9,7 @@ import ipaddress
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 
 log = logging.getLogger("nfsplice")
 

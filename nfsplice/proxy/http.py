@@ -22,8 +22,6 @@ cache status (- for now), upstream and total milliseconds.
 """
 from __future__ import annotations
 
-import errno
-import itertools
 import logging
 import select
 import socket
@@ -32,8 +30,8 @@ import time
 from dataclasses import dataclass, field
 
 from .. import handoff
-from ..engine import C2S, S2C, Endpoint, Pair
-from . import http1
+from ..engine import Endpoint, Pair
+from . import common, http1
 from .http1 import HTTPError, UpstreamError
 
 log = logging.getLogger("nfsplice.http")
@@ -133,9 +131,7 @@ class HTTPProxy:
         self.counters = self.engine.counters if self.engine is not None else _Counters()
         self.slots = threading.BoundedSemaphore(settings.max_connections)
         self.lsock: socket.socket | None = None
-        self.port_lock = threading.Lock()
-        self.ports_in_use: set[int] = set()
-        self._port_iter = itertools.cycle(range(settings.ports[0], settings.ports[1] + 1))
+        self.pool = common.PortPool(settings.ports, settings.source)
         self.waiters: dict[int, threading.Event] = {}
         if runner is not None:
             runner.on_forget = self.forget
@@ -143,31 +139,11 @@ class HTTPProxy:
 
     # -- listening -------------------------------------------------------------------------
     def open(self) -> None:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(self.s.listen)
-        s.listen(1024)
-        self.lsock = s
+        self.lsock = common.listen(self.s.listen)
 
     def serve(self, stop: threading.Event) -> None:
         assert self.lsock is not None
-        while not stop.is_set():
-            r, _, _ = select.select([self.lsock], [], [], 0.2)
-            if not r:
-                continue
-            try:
-                csock, caddr = self.lsock.accept()
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE):
-                    self.counters["http.accept_emfile"] += 1
-                    time.sleep(0.05)
-                continue
-            if not self.slots.acquire(blocking=False):
-                self.counters["http.refused_max_connections"] += 1
-                _abort(csock)
-                continue
-            self.counters["http.connections"] += 1
-            threading.Thread(target=self._client, args=(csock, caddr), daemon=True).start()
+        common.accept_loop(self.lsock, stop, self.slots, self.counters, "http", self._client)
 
     def close(self) -> None:
         if self.lsock is not None:
@@ -303,22 +279,10 @@ class HTTPProxy:
 
     def _bound_socket(self) -> socket.socket:
         """Upstream sockets use our port range: the rules match it, nothing else."""
-        lo, hi = self.s.ports
-        with self.port_lock:
-            for _ in range(hi - lo + 1):
-                port = next(self._port_iter)
-                if port in self.ports_in_use:
-                    continue
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind((self.s.source or "0.0.0.0", port))
-                except OSError:
-                    s.close()
-                    continue
-                self.ports_in_use.add(port)
-                return s
-        raise _Upstream(502, "no free source port in the upstream port range")
+        try:
+            return self.pool.socket()[0]
+        except OSError as e:
+            raise _Upstream(502, str(e)) from None
 
     def _drop(self, up: Conn) -> None:
         self._release_port(up.sock)
@@ -329,8 +293,7 @@ class HTTPProxy:
             port = sock.getsockname()[1]
         except OSError:
             return
-        with self.port_lock:
-            self.ports_in_use.discard(port)
+        self.pool.release(port)
 
     # -- a request and its response ----------------------------------------------------------
     def _exchange(self, client: Conn, up: Conn, req: http1.Request, ex: Exchange,

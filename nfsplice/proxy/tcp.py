@@ -15,8 +15,6 @@ When the engine forgets the pair, both sockets are closed silently.
 """
 from __future__ import annotations
 
-import errno
-import itertools
 import logging
 import select
 import socket
@@ -24,6 +22,7 @@ import threading
 import time
 
 from .. import handoff
+from . import common
 from ..engine import C2S, S2C, Endpoint, Pair
 
 log = logging.getLogger("nfsplice.tcp")
@@ -52,64 +51,30 @@ class TCPSpliceProxy:
         self.connect_timeout = connect_timeout
         self.slots = threading.BoundedSemaphore(max_connections)
         self.backlog = backlog
-        self.ports_in_use: set[int] = set()
-        self.port_lock = threading.Lock()
-        self._port_iter = itertools.cycle(range(ports[0], ports[1] + 1))
+        self.pool = common.PortPool(ports, source)
         self.counters = runner.engine.counters
         self.lsock: socket.socket | None = None
         runner.on_forget = self.forget
 
     # -- listening ----------------------------------------------------------------------
     def open(self) -> None:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(self.listen)
-        s.listen(self.backlog)
-        self.lsock = s
+        self.lsock = common.listen(self.listen, self.backlog)
         with self.runner.lock:
             self.engine.listeners.add(_ip(self.listen[0]) + self.listen[1].to_bytes(2, "big"))
 
     def serve(self, stop: threading.Event) -> None:
         assert self.lsock is not None
-        while not stop.is_set():
-            r, _, _ = select.select([self.lsock], [], [], 0.2)
-            if not r:
-                continue
-            try:
-                csock, caddr = self.lsock.accept()
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE):
-                    self.counters["proxy.accept_emfile"] += 1
-                    time.sleep(0.05)
-                continue
-            if not self.slots.acquire(blocking=False):
-                self.counters["proxy.refused_max_connections"] += 1
-                csock.close()
-                continue
-            self.counters["proxy.accepted"] += 1
-            threading.Thread(target=self._connection, args=(csock, caddr), daemon=True).start()
+        common.accept_loop(self.lsock, stop, self.slots, self.counters, "proxy", self._connection)
 
     # -- one connection -----------------------------------------------------------------
     def _upstream_socket(self) -> tuple[socket.socket, int]:
-        with self.port_lock:
-            for _ in range(self.ports[1] - self.ports[0] + 1):
-                port = next(self._port_iter)
-                if port in self.ports_in_use:
-                    continue
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind((self.source, port))
-                except OSError:
-                    s.close()
-                    continue
-                self.ports_in_use.add(port)
-                return s, port
-        raise HandoffError("no free source port in the upstream port range")
+        try:
+            return self.pool.socket()
+        except OSError as e:
+            raise HandoffError(str(e)) from None
 
     def _release_port(self, port: int) -> None:
-        with self.port_lock:
-            self.ports_in_use.discard(port)
+        self.pool.release(port)
 
     def _connection(self, csock: socket.socket, caddr) -> None:
         pair = None
