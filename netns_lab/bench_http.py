@@ -59,10 +59,10 @@ DEFAULT_PEERS = "origin,nfsplice,nfsplice-copy,haproxy,nginx"
 DEFAULT_SIZES = "1KiB,64KiB,1MiB"
 STATS_DIR = Path("/run/nfsplice")          # where `nfsplice` writes its counters (nfsplice.runner)
 
-CLOSE_NOTE = ("nfsplice closes the connection after a spliced response (Connection: close): under "
-              "wrk's keep-alive load every response at or above the splice threshold (64 KiB by default) "
-              "costs the client a new connection (and nfsplice a new upstream connection and a hand-off). "
-              "That cost is part of what is measured.")
+CLOSE_NOTE = ("nfsplice keeps both connections after a spliced response by rebuilding its sockets "
+              "(TCP_REPAIR); every response at or above the splice threshold (64 KiB by default) costs a "
+              "hand-off and a rebuild, and a response the engine could not hand off ends with "
+              "Connection: close. That cost is part of what is measured.")
 
 
 # -- peers as data ----------------------------------------------------------------------
@@ -101,7 +101,7 @@ def _nfsplice(name: str, *extra: str, note: str) -> Peer:
 PEERS: dict[str, Peer] = {p.name: p for p in (
     Peer("origin", None, note="wrk/curl straight to the origin nginx (the proxy namespace only routes): the reference"),
     _nfsplice("nfsplice", note="nfsplice http, response bodies of 64 KiB or more spliced (default threshold); "
-                               "Connection: close after a spliced response"),
+                               "keep-alive kept across them (sockets rebuilt with TCP_REPAIR)"),
     _nfsplice("nfsplice-copy", "--no-splice", note="nfsplice http --no-splice: the same proxy copying every byte, "
                                                    "keep-alive on both sides"),
     Peer("haproxy", ("haproxy", "-db", "-f", "{dir}/haproxy.cfg"),

@@ -123,7 +123,7 @@ def test_report_from_synthetic_results(tmp_path):
               "runs": runs, "summary": B.summarize(runs, peers, [1024]), "interrupted": False}
     B.write_results(result, tmp_path)
     md = (tmp_path / "results.md").read_text()
-    assert "## 1KiB responses" in md and "| haproxy | failed |" in md and "Connection: close" in md
+    assert "## 1KiB responses" in md and "| haproxy | failed |" in md and "TCP_REPAIR" in md
     assert "| nfsplice | 60 |" in md and "(read 3)" in md
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "results.json").read_text())["summary"]["big"]["origin"]["gbps"] == 20.0
