@@ -10,6 +10,8 @@ import socket
 import threading
 import time
 
+from .. import handoff
+
 
 def listen(addr: tuple[str, int], backlog: int = 1024) -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -74,3 +76,21 @@ class PortPool:
     def release(self, port: int) -> None:
         with self.lock:
             self.in_use.discard(port)
+
+
+def forget_pair(pair, pool: PortPool, slots: threading.BoundedSemaphore) -> None:
+    """The engine is done with PAIR: close its frozen sockets without a sound.
+
+    pair.owner is [client socket, upstream socket, upstream port, handed]; `handed` says
+    the engine owned the connection (its thread has ended).  If not, the connection's
+    thread still runs (a shutdown during the hand-off): it fails on the closed sockets
+    and releases port and slot itself."""
+    if pair.owner is None:
+        return
+    csock, usock, port, handed = pair.owner
+    pair.owner = None
+    handoff.close_silently(csock)
+    handoff.close_silently(usock)
+    if handed:
+        pool.release(port)
+        slots.release()

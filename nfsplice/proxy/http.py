@@ -513,7 +513,7 @@ class HTTPProxy:
         upeer, uloc = usock.getpeername(), usock.getsockname()
         pair = Pair(Endpoint(socket.inet_aton(cpeer[0]), cpeer[1]), Endpoint(socket.inet_aton(cloc[0]), cloc[1]),
                     Endpoint(socket.inet_aton(uloc[0]), uloc[1]), Endpoint(socket.inet_aton(upeer[0]), upeer[1]))
-        pair.owner = [csock, usock, False]    # [2]: the engine owns the connection slot
+        pair.owner = [csock, usock, uloc[1], False]   # see common.forget_pair
         done = threading.Event()
         self.waiters[id(pair)] = done
         self.runner.register(pair)
@@ -541,7 +541,7 @@ class HTTPProxy:
             raise _Closed(str(e)) from None
         self.counters["http.spliced"] += 1
         if pair.owner is not None:
-            pair.owner[2] = True
+            pair.owner[3] = True
         if not resume:
             self.waiters.pop(id(pair), None)
             return True
@@ -638,17 +638,7 @@ class HTTPProxy:
         ev = self.waiters.get(id(pair))
         if ev is not None:
             ev.set()
-        if pair.owner is None:
-            return
-        csock, usock, handed = pair.owner
-        pair.owner = None
-        handoff.close_silently(csock)
-        handoff.close_silently(usock)
-        if handed:
-            # Else the connection's thread still runs (a shutdown during the hand-off):
-            # it fails on the closed sockets and releases port and slot itself.
-            self._release_port(usock)
-            self.slots.release()
+        common.forget_pair(pair, self.pool, self.slots)
 
     # -- errors ----------------------------------------------------------------------------------
     def _refuse(self, client: Conn, ex: Exchange, status: int, reason: str) -> None:

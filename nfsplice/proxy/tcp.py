@@ -182,17 +182,8 @@ class TCPSpliceProxy:
             select.select([s for d, (s, _) in enumerate(ends) if not finished[d]], [], [], 0.005)
 
     def forget(self, pair: Pair) -> None:
-        """The engine is done with PAIR: close its frozen sockets without a sound."""
-        if pair.owner is None:
-            return
-        csock, usock, port, handed = pair.owner
-        pair.owner = None
-        handoff.close_silently(csock)
-        handoff.close_silently(usock)
-        if handed:
-            # Else the hand-off thread still runs (shutdown): it releases them itself.
-            self._release_port(port)
-            self.slots.release()
+        """The engine is done with PAIR (runner callback)."""
+        common.forget_pair(pair, self.pool, self.slots)
 
     def close(self) -> None:
         if self.lsock is not None:
