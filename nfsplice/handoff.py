@@ -11,8 +11,11 @@ TCP_TIMESTAMP the TSval the socket would send now.
 from __future__ import annotations
 
 import fcntl
+import select
 import socket
 import struct
+import time
+from dataclasses import dataclass
 
 from .engine import SocketState
 
@@ -36,6 +39,73 @@ SIOCOUTQ = 0x5411   # TIOCOUTQ: bytes (and FIN) sent but not yet acknowledged
 
 _INT = struct.Struct("i")
 _U32 = struct.Struct("I")
+
+
+class HandoffError(Exception):
+    """The sockets could not be handed to the engine (reset, or never quiescent)."""
+
+
+@dataclass
+class Drained:
+    copied: list        # bytes moved across per direction (C2S: client -> upstream)
+    finished: list      # directions whose FIN was passed on (shutdown of the other side)
+    limits: list        # what is left of each direction's limit (None: unlimited)
+    dropped: int = 0    # bytes past a limit, read and thrown away
+
+
+def drain(csock: socket.socket, usock: socket.socket, timeout: float, *, limits=(None, None),
+          on_data=None) -> Drained:
+    """Move what already reached the two sockets across, until both are quiescent.
+
+    Called after the pair was registered (so nothing new arrives); returns once neither
+    socket holds unread bytes and both send queues are acknowledged, which `freeze`
+    needs.  A direction with a limit forwards at most that many more bytes; the rest is
+    read and dropped (it is past the message being spliced).  ON_DATA(direction, offset,
+    bytes) sees every byte moved (the tap).  Raises HandoffError on a reset or when the
+    sockets are not quiescent within TIMEOUT seconds."""
+    out = Drained([0, 0], [False, False], list(limits))
+    ends = ((csock, usock), (usock, csock))
+    deadline = time.monotonic() + timeout
+    for s in (csock, usock):
+        s.setblocking(False)
+    while True:
+        moved = False
+        for d, (src, dst) in enumerate(ends):
+            if out.finished[d]:
+                continue
+            try:
+                data = src.recv(1 << 16)
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                raise HandoffError(f"{e.strerror or e} during the hand-off") from None
+            moved = True
+            if not data:
+                out.finished[d] = True
+                dst.shutdown(socket.SHUT_WR)
+                continue
+            left = out.limits[d]
+            if left is not None:
+                if len(data) > left:
+                    out.dropped += len(data) - left
+                    data = data[:left]
+                out.limits[d] = left - len(data)
+            if not data:
+                continue
+            if on_data is not None:
+                on_data(d, out.copied[d], data)
+            dst.settimeout(max(0.1, deadline - time.monotonic()))
+            dst.sendall(data)
+            dst.setblocking(False)
+            out.copied[d] += len(data)
+        if moved:
+            continue
+        if all(outq(s) == 0 and inq(s) == 0 for s in (csock, usock)):
+            return out
+        if time.monotonic() > deadline:
+            raise HandoffError(f"sockets not quiescent after {timeout:g} s "
+                               f"(unacknowledged {outq(csock)}/{outq(usock)} bytes)")
+        select.select([s for d, (s, _) in enumerate(ends) if not out.finished[d]], [], [], 0.005)
 
 
 def inq(sock: socket.socket) -> int:

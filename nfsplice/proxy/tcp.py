@@ -16,20 +16,16 @@ When the engine forgets the pair, both sockets are closed silently.
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import threading
 import time
 
 from .. import handoff
+from ..handoff import HandoffError
 from . import common
 from ..engine import C2S, S2C, Endpoint, Pair
 
 log = logging.getLogger("nfsplice.tcp")
-
-
-class HandoffError(Exception):
-    pass
 
 
 def _ip(addr: str) -> bytes:
@@ -137,49 +133,19 @@ class TCPSpliceProxy:
             self.slots.release()
 
     def _drain(self, pair: Pair, csock: socket.socket, usock: socket.socket):
-        """Move what already reached the sockets across, until both are quiescent.
-
-        Returns (copied bytes, FIN passed on) per direction."""
-        copied = [0, 0]
-        finished = [False, False]
-        ends = ((csock, usock), (usock, csock))
+        """Normally nothing to move (the engine held the client's payload since its SYN);
+        whatever did reach a socket goes across and into the tap.  Returns (copied bytes,
+        FIN passed on) per direction."""
         tap = self.engine.tap
-        deadline = time.monotonic() + self.handoff_timeout
-        for s in (csock, usock):
-            s.setblocking(False)
-        while True:
-            moved = False
-            for d, (src, dst) in enumerate(ends):
-                if finished[d]:
-                    continue
-                try:
-                    data = src.recv(1 << 16)
-                except BlockingIOError:
-                    continue
-                except ConnectionResetError:
-                    raise HandoffError("connection reset during hand-off") from None
-                moved = True
-                if not data:
-                    finished[d] = True
-                    dst.shutdown(socket.SHUT_WR)
-                    continue
-                if tap is not None and pair.tap[d] is not None:
-                    tap.write(pair.tap[d], copied[d], data)
-                dst.settimeout(max(0.1, deadline - time.monotonic()))
-                dst.sendall(data)
-                dst.setblocking(False)
-                copied[d] += len(data)
-            if moved:
-                self.counters["proxy.drained_rounds"] += 1
-                continue
-            if all(handoff.outq(s) == 0 and handoff.inq(s) == 0 for s in (csock, usock)):
-                if copied[C2S] or copied[S2C]:
-                    self.counters["proxy.drained_bytes"] += copied[C2S] + copied[S2C]
-                return copied, finished
-            if time.monotonic() > deadline:
-                raise HandoffError(f"sockets not quiescent after {self.handoff_timeout}s "
-                                   f"(unacknowledged {handoff.outq(csock)}/{handoff.outq(usock)} bytes)")
-            select.select([s for d, (s, _) in enumerate(ends) if not finished[d]], [], [], 0.005)
+
+        def to_tap(d, offset, data):
+            if tap is not None and pair.tap[d] is not None:
+                tap.write(pair.tap[d], offset, data)
+
+        got = handoff.drain(csock, usock, self.handoff_timeout, on_data=to_tap)
+        if got.copied[C2S] or got.copied[S2C]:
+            self.counters["proxy.drained_bytes"] += got.copied[C2S] + got.copied[S2C]
+        return got.copied, got.finished
 
     def forget(self, pair: Pair) -> None:
         """The engine is done with PAIR (runner callback)."""
