@@ -24,6 +24,7 @@ packets of flows no pair owns are accepted unchanged (`unknown_flow`).
 from __future__ import annotations
 
 import enum
+import heapq
 import itertools
 import struct
 import time
@@ -461,18 +462,10 @@ class Engine:
         # S2C: origin -> client, re-sent as if from the proxy's socket A.
         s2c_ts = seq.diff(seq.add(a.ts_now, 1), pair.tsval[S2C] or 0) if ts_on else 0
         c2s_ts = seq.diff(seq.add(b.ts_now, 1), pair.tsval[C2S] or 0) if ts_on else 0
-        pair.tr[C2S] = Translation(
-            pair.proxy_b.ip, pair.server.ip, pair.proxy_b.port, pair.server.port,
-            seq_delta=seq.diff(b.snd_seq, a.rcv_seq), ack_delta=seq.diff(b.rcv_seq, a.snd_seq),
-            win_shift_in=a.snd_wscale, win_shift_out=b.rcv_wscale,
-            tsval_delta=c2s_ts, tsecr_delta=-s2c_ts,
-            tsecr_floor=pair.tsval[S2C] if ts_on else None)
-        pair.tr[S2C] = Translation(
-            pair.proxy_a.ip, pair.client.ip, pair.proxy_a.port, pair.client.port,
-            seq_delta=seq.diff(a.snd_seq, b.rcv_seq), ack_delta=seq.diff(a.rcv_seq, b.snd_seq),
-            win_shift_in=b.snd_wscale, win_shift_out=a.rcv_wscale,
-            tsval_delta=s2c_ts, tsecr_delta=-c2s_ts,
-            tsecr_floor=pair.tsval[C2S] if ts_on else None)
+        pair.tr[C2S] = _translation(pair.proxy_b, pair.server, a, b, c2s_ts, s2c_ts,
+                                    pair.tsval[S2C] if ts_on else None)
+        pair.tr[S2C] = _translation(pair.proxy_a, pair.client, b, a, s2c_ts, c2s_ts,
+                                    pair.tsval[C2S] if ts_on else None)
         pair.frozen = (a, b)
         pair.end_fin = list(end_fin)
         pair.resumable = resume and any(x is not None for x in limits)
@@ -634,7 +627,7 @@ class Engine:
         out["held.now"] = sum(len(p.held) for p in self.pairs.values())
         now = self.clock()
         out["pairs.oldest"] = [f"{p.describe()} {p.state.name} idle {now - p.last_seen:.1f}s"
-                               for p in sorted(self.pairs.values(), key=lambda p: p.last_seen)[:10]]
+                               for p in heapq.nsmallest(10, self.pairs.values(), key=lambda p: p.last_seen)]
         return out
 
 
@@ -660,6 +653,20 @@ def pair_from_record(rec: dict) -> tuple[Pair, SocketState, SocketState]:
     pair = Pair(endpoint_from_str(rec["client"]), endpoint_from_str(rec["proxy_a"]),
                 endpoint_from_str(rec["proxy_b"]), endpoint_from_str(rec["server"]))
     return pair, SocketState(**rec["a"]), SocketState(**rec["b"])
+
+
+def _translation(src: Endpoint, dst: Endpoint, came: SocketState, goes: SocketState,
+                 tsval_delta: int, back_delta: int, tsecr_floor: int | None) -> Translation:
+    """Packets that arrived on the connection of socket CAME leave as if sent by socket
+    GOES, from SRC to DST: their sequence numbers continue GOES's send sequence where
+    CAME's receive sequence stood, their acknowledgements GOES's receive sequence where
+    CAME had sent up to; windows go from the sender's scale (CAME's snd_wscale) to the
+    one GOES announced.  TSecr echo the other direction's translated TSval: undone."""
+    return Translation(src.ip, dst.ip, src.port, dst.port,
+                       seq_delta=seq.diff(goes.snd_seq, came.rcv_seq),
+                       ack_delta=seq.diff(goes.rcv_seq, came.snd_seq),
+                       win_shift_in=came.snd_wscale, win_shift_out=goes.rcv_wscale,
+                       tsval_delta=tsval_delta, tsecr_delta=-back_delta, tsecr_floor=tsecr_floor)
 
 
 def _prefreeze_ack(pair: Pair, key: bytes, v: TCPView) -> bool:
