@@ -29,7 +29,6 @@ import datetime
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import statistics
@@ -352,7 +351,9 @@ def run_benchmark(s: Settings, tmp: Path, runs: list[dict]) -> list[dict]:
     return runs
 
 
-def _median(values: list[float]) -> float | None:
+def _median(values: list) -> float | None:
+    """Median of the values that are there (a failed run gives None)."""
+    values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
 
 
@@ -420,8 +421,8 @@ def markdown(result: dict) -> str:
         f"- kernel: {m['kernel']} (`uname -r`), nproc: {m['nproc']}, CPU: {m['cpu_model']}",
         f"- {meta['size_bytes'] / 2**20:g} MiB bulk download origin -> client per run, {meta['rounds']} round(s), "
         f"RTT: {meta['rtt_count']} x 64 B ping-pong after {meta['rtt_warmup']} warm-up; medians over rounds",
-        f"- CPU = whole machine (all CPUs, /proc/stat busy ticks) during the bulk transfer; "
-        f"Gbit/s from the client's first to last byte",
+        "- CPU = whole machine (all CPUs, /proc/stat busy ticks) during the bulk transfer; "
+        "Gbit/s from the client's first to last byte",
         f"- {m['haproxy']}; {m['nginx']}; Python {m['python']}",
         f"- other load on the machine right before the runs (CPUs busy, 0-{m['nproc']}): "
         f"max {_fmt(max((r.get('background_cpus', 0) for r in result['runs']), default=None), 2)}, "

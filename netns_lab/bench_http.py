@@ -36,7 +36,6 @@ import os
 import re
 import shlex
 import signal
-import statistics
 import string
 import subprocess
 import sys
@@ -45,8 +44,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from netns_lab.bench import (PeerFailed, Running, _fmt, machine_info, parse_size, round_order,
-                             wait_quiet)
+from netns_lab import bench
+from netns_lab.bench import (PeerFailed, RunFailed, Running, _fmt, _hostport, _median, machine_info,
+                             parse_size, round_order, wait_quiet)
 from netns_lab.origins import NGINX_PORT, NginxOrigin
 from netns_lab.peers.bench_tools import CLK_TCK, cpu_busy_ticks
 from netns_lab.topology import ORIGIN_ADDR, PROXY_CLIENT_ADDR, Lab
@@ -67,25 +67,14 @@ CLOSE_NOTE = ("nfsplice keeps both connections after a spliced response by rebui
 
 # -- peers as data ----------------------------------------------------------------------
 @dataclass(frozen=True)
-class Peer:
-    """How to run one HTTP forwarding path.
-
-    argv: the command run in the proxy namespace, with {python} {listen} {upstream}
-    {ready_file} {dir} {instance} filled in; None means no process (wrk to the origin).
-    config: (template in netns_lab/peers/, file name in {dir}, extra template values);
-    the template also gets ${listen} ${upstream} ${dir}."""
-    name: str
-    argv: tuple[str, ...] | None
-    config: tuple[str, str, dict] | None = None
-    note: str = ""
+class Peer(bench.Peer):
+    """An HTTP forwarding path: bench.Peer's command line and config template, with this
+    benchmark's addresses; argv also gets {instance}, and None means wrk straight to
+    the origin."""
 
     @property
     def target(self) -> tuple[str, int]:
         return ORIGIN if self.argv is None else LISTEN
-
-    @property
-    def uses_ready_file(self) -> bool:
-        return self.argv is not None and any("{ready_file}" in a for a in self.argv)
 
     @property
     def is_nfsplice(self) -> bool:
@@ -112,10 +101,6 @@ PEERS: dict[str, Peer] = {p.name: p for p in (
          note="proxy_pass to an upstream with keepalive 32, HTTP/1.1, Connection \"\", proxy_buffering on "
               "(default buffers), worker_processes auto"),
 )}
-
-
-def _hostport(addr: tuple[str, int]) -> str:
-    return f"{addr[0]}:{addr[1]}"
 
 
 def instance_name(prefix: str, peer: Peer) -> str:
@@ -189,10 +174,6 @@ def nfsplice_counters(prefix: str, peer: Peer) -> dict | None:
 
 
 # -- wrk --------------------------------------------------------------------------------
-class RunFailed(Exception):
-    pass
-
-
 # Called once by wrk at the end with the totals of all threads: exact counts and
 # microsecond latencies, on one line that parse_wrk() picks out of the output.
 WRK_DONE_LUA = r"""
@@ -497,11 +478,6 @@ def run_benchmark(s: Settings, tmp: Path, runs: list[dict]) -> list[dict]:
 
 
 # -- summary ----------------------------------------------------------------------------
-def _median(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
 def summarize(runs: list[dict], peers: list[Peer], sizes: list[int]) -> dict:
     """Medians over the rounds, per size and peer (wrk) and per peer (big download)."""
     out: dict = {"sizes": {}, "big": {}, "peers": {}}
