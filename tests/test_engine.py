@@ -9,7 +9,7 @@ import struct
 from scapy.all import IP, TCP
 
 from nfsplice import packet as P
-from nfsplice.engine import C2S, S2C, Decision, Endpoint, Engine, Pair, SocketState, State
+from nfsplice.engine import S2C, Decision, Endpoint, Engine, Pair, SocketState, State
 from nfsplice.queue.base import HOOK_LOCAL_OUT
 
 CLIENT, PA, PB, SERVER = (bytes([198, 18, 1, 2]), bytes([198, 18, 1, 1]),

@@ -8,7 +8,6 @@ and a zero window while the client does not read.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -101,4 +100,7 @@ def test_zero_window(lab):
         assert st.get("proxy.spliced") == 1 and st.get("dropped.proxy_socket", 0) == 0, st
         # The client did advertise a zero window through the splice.
         assert st.get("window.zero_c2s", 0) > 0, st
+        # The origin's side of it: it sent the whole download and saw a clean end.
+        report = [r for r in srv.reports() if r.get("tag") == 77]
+        assert report and report[0]["download_sent"] == size and report[0]["ok"], report
         assert sp.stop() == 0

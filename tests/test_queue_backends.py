@@ -3,7 +3,6 @@ in the lab, byte-exact, with the stats file and the rules gone after SIGTERM (ro
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -355,6 +355,12 @@ class HTTPProxy:
         else:   # close-delimited, copied
             ex.bytes_out += self._copy_until_eof(up, client)
             return False, False
+        if up.buf:
+            # Bytes after a complete response that nobody asked for: the connection's
+            # framing can no longer be trusted, so it is not reused.
+            self.counters["http.upstream_extra_bytes"] += len(up.buf)
+            up.buf.clear()
+            up.eof = True
         if not http1.keep_alive(resp):
             up.eof = True      # (closed by the caller)
         return keep, False
@@ -532,7 +538,7 @@ class HTTPProxy:
             a = handoff.freeze(csock)
             b = handoff.freeze(usock)
             self.runner.splice(pair, a, b, copied=copied, finished=finished, limits=limits, resume=resume)
-        except (OSError, ValueError, _Closed) as e:
+        except (OSError, ValueError, _Closed, handoff.HandoffError) as e:
             self.waiters.pop(id(pair), None)
             self.counters["http.splice_fallback"] += 1
             log.warning("%s: hand-off failed (%s)", pair.describe(), e)
@@ -581,13 +587,12 @@ class HTTPProxy:
             ev.set()
 
     def _drain(self, client: Conn, up: Conn, limits):
-        """Copy what reached the sockets before the engine held the pair, within LIMITS;
-        wait until both are quiescent.  Returns (copied, finished, remaining limits)."""
+        """Bytes the proxy already read go first, then what reached the sockets before
+        the engine held the pair, within LIMITS, until both sockets are quiescent.
+        Returns (copied, finished, remaining limits)."""
         limits = list(limits)
         copied = [0, 0]
-        finished = [False, False]
-        ends = ((client, up), (up, client))
-        for d, (src, dst) in enumerate(ends):
+        for d, (src, dst) in enumerate(((client, up), (up, client))):
             if src.buf:
                 n = len(src.buf) if limits[d] is None else min(len(src.buf), limits[d])
                 if n:
@@ -596,43 +601,11 @@ class HTTPProxy:
                     if limits[d] is not None:
                         limits[d] -= n
                 src.buf.clear()
-        deadline = time.monotonic() + 5.0
-        for c in (client, up):
-            c.sock.setblocking(False)
-        while True:
-            moved = False
-            for d, (src, dst) in enumerate(ends):
-                if finished[d]:
-                    continue
-                try:
-                    data = src.sock.recv(RECV)
-                except BlockingIOError:
-                    continue
-                except OSError as e:
-                    raise _Closed(f"{src.name}: {e.strerror or e}") from None
-                moved = True
-                if not data:
-                    finished[d] = True
-                    dst.sock.shutdown(socket.SHUT_WR)
-                    continue
-                if limits[d] is not None:
-                    keep = data[:limits[d]]
-                    if len(keep) < len(data):
-                        self.counters["dropped.beyond_message_bytes"] += len(data) - len(keep)
-                    data = keep
-                    limits[d] -= len(data)
-                if data:
-                    dst.sock.settimeout(max(0.1, deadline - time.monotonic()))
-                    dst.sock.sendall(data)
-                    dst.sock.setblocking(False)
-                    copied[d] += len(data)
-            if moved:
-                continue
-            if all(handoff.outq(c.sock) == 0 and handoff.inq(c.sock) == 0 for c in (client, up)):
-                return tuple(copied), tuple(finished), tuple(limits)
-            if time.monotonic() > deadline:
-                raise _Closed("sockets not quiescent for the hand-off")
-            select.select([c.sock for d, (c, _) in enumerate(ends) if not finished[d]], [], [], 0.005)
+        got = handoff.drain(client.sock, up.sock, 5.0, limits=limits)
+        if got.dropped:
+            self.counters["dropped.beyond_message_bytes"] += got.dropped
+        return ((copied[0] + got.copied[0], copied[1] + got.copied[1]), tuple(got.finished),
+                tuple(got.limits))
 
     def forget(self, pair: Pair) -> None:
         ev = self.waiters.get(id(pair))
