@@ -178,6 +178,12 @@ class HTTPProxy:
                     if req.method == "CONNECT":
                         handed_off = self._connect(client, req, addr, ex)
                         return
+                    if up is not None and not up.eof and _readable(up.sock):
+                        # An idle upstream connection has something to say before we
+                        # asked: unsolicited bytes (or its close).  Reusing it would
+                        # hand them to this request as its response.
+                        self.counters["http.upstream_unsolicited"] += 1
+                        up.eof = True
                     if up is None or up_addr != addr or up.eof:
                         if up is not None:
                             self._drop(up)
@@ -645,6 +651,14 @@ def _resolve(host: str) -> str:
         return socket.gethostbyname(host)
     except OSError:
         raise _Upstream(502, f"cannot resolve {host}") from None
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Data or EOF waiting, without blocking."""
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
 
 
 def _close(sock: socket.socket) -> None:
