@@ -2,8 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # haproxy, nginx and its stream module are benchmark peers (and their smoke test runs in make test).
+# clang, libbpf-dev and bpftool build and load the tc-BPF fast path (nfsplice/fastpath/).
 APT_PACKAGES := nftables iptables libnetfilter-queue-dev tcpdump iproute2 gcc curl \
-	haproxy nginx libnginx-mod-stream wrk
+	clang libbpf-dev bpftool haproxy nginx libnginx-mod-stream wrk
 
 .PHONY: setup apt venv lab test unit bench cleanup clean
 

@@ -124,6 +124,10 @@ class Pair:
     resumable: bool = False            # at the message end the proxy takes both connections back
     resuming: bool = False             # ... and is doing so: every packet is held meanwhile
     spliced_at: float = 0.0
+    # The fast path (fastpath/): what its flows were last written with (None: no flows),
+    # and per direction the program's (packets, bytes) already counted here.
+    fast_sig: tuple | None = None
+    fast_seen: list = field(default_factory=lambda: [(0, 0), (0, 0)])
 
     def in_keys(self) -> tuple[bytes, ...]:
         """Keys of packets arriving at the proxy: from the client, from the server."""
@@ -181,6 +185,10 @@ class Engine:
         self.splice_log = None                # called with splice_record() at every splice
         self.resumable: list[Pair] = []       # pairs whose message ended, for the proxy to resume
         self.trimmed: int | None = None       # set by process(): MANGLE'd packet's new length
+        # The fast path: when on, pairs whose fast flows must be (re)written or removed
+        # are listed in fast_ops for the runner, which applies them before any verdict.
+        self.fast = False
+        self.fast_ops: list[Pair] = []
 
     # -- the per-packet path ----------------------------------------------------------------
     def process(self, buf: memoryview, *, hook: int = 0, csum_partial: bool = False,
@@ -255,6 +263,8 @@ class Engine:
             c["malformed." + e.reason] += 1
             c["dropped.malformed_spliced"] += 1
             return Decision.DROP
+        if self.fast:
+            self._fast_check(pair)
         return Decision.MANGLE
 
     def _handoff(self, pair: Pair, d: int, v: TCPView, buf, csum_partial: bool, handle) -> Decision:
@@ -378,6 +388,51 @@ class Engine:
         if pair.state < State.CLOSING:
             pair.state = State.CLOSING
             pair.closing_since = pair.last_seen
+            if pair.fast_sig is not None:
+                self._fast_check(pair)
+
+    # -- the fast path -----------------------------------------------------------------------
+    def fast_signature(self, pair: Pair) -> tuple | None:
+        """What the pair's fast flows must say, or None when the fast path must leave
+        the pair to the engine: per direction (message end, acknowledgement watch).
+        Only a plainly spliced pair is fast; a message end or FIN being acknowledged,
+        a reset, an overrun, a resume and a tap (which needs every payload) are not."""
+        if not (self.fast and pair.state == State.SPLICED) or pair.resuming or pair.reset \
+                or pair.overrun or pair.message_done is not None or pair.held \
+                or pair.fin_seq[C2S] is not None or pair.fin_seq[S2C] is not None \
+                or pair.tap[C2S] is not None or pair.tap[S2C] is not None:
+            return None
+        sig = []
+        for d in (C2S, S2C):
+            o = 1 - d
+            watch = pair.end_seq[o] if pair.end_seq[o] is not None and not pair.end_acked[o] else None
+            sig.append((pair.end_seq[d], watch))
+        return tuple(sig)
+
+    def _fast_check(self, pair: Pair) -> None:
+        sig = self.fast_signature(pair)
+        if sig != pair.fast_sig:
+            pair.fast_sig = sig
+            self.fast_ops.append(pair)
+
+    def fast_progress(self, pair: Pair, d: int, packets: int, nbytes: int, last_seen: float,
+                      next_seq: int, final: bool) -> None:
+        """Count what the fast path forwarded for direction D (totals since its flow was
+        written); FINAL: the flow is gone, the next one counts from zero."""
+        seen_p, seen_b = pair.fast_seen[d]
+        dp, db = packets - seen_p, nbytes - seen_b
+        pair.fast_seen[d] = (0, 0) if final else (packets, nbytes)
+        if dp <= 0:
+            return
+        pair.packets[d] += dp
+        pair.bytes[d] += db
+        c = self.counters
+        c[_PKT_NAMES[d]] += dp
+        c[_BYTE_NAMES[d]] += db
+        if last_seen > pair.last_seen:
+            pair.last_seen = last_seen
+        if pair.next_seq[d] is None or seq.gt(next_seq, pair.next_seq[d]):
+            pair.next_seq[d] = next_seq
 
     def _note_handshake(self, key: bytes, v: TCPView, now: float | None) -> None:
         try:
@@ -489,7 +544,10 @@ class Engine:
             self.splice_log(splice_record(pair, a, b, copied, finished))
         if finished[C2S] and finished[S2C]:
             self._closing(pair)
-        return self._release(pair, rewrite=True)
+        out = self._release(pair, rewrite=True)
+        if self.fast:
+            self._fast_check(pair)
+        return out
 
     def abort(self, pair: Pair, reason: str) -> list[tuple[object, Decision, bytearray]]:
         """Give the pair back to the proxy (no splice): held packets go on unchanged."""
@@ -594,6 +652,9 @@ class Engine:
         pair.closing_since = self.clock() if pair.closing_since is None else pair.closing_since
 
     def _forget(self, pair: Pair, reason: str | None) -> None:
+        if pair.fast_sig is not None:
+            pair.fast_sig = None
+            self.fast_ops.append(pair)
         for key in pair.in_keys():
             if self.flows.get(key, (None,))[0] is pair:
                 del self.flows[key]

@@ -13,13 +13,14 @@ the order the packets were decided, so a direction is never reordered.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
 import threading
 import time
 
-from .engine import INJECT_MARK, Decision, Engine, Pair, SocketState
+from .engine import C2S, INJECT_MARK, S2C, Decision, Engine, Pair, SocketState
 from .queue.base import ACCEPT, DROP
 
 STATS_DIR = "/run/nfsplice"
@@ -42,6 +43,8 @@ class Runner:
         self.started = time.time()
         self.verdict_errors = 0
         self.raw: socket.socket | None = None
+        self.fastpath = None      # a fastpath.FastPath, when the fast path is on
+        self._fast_refresh = 0.0
 
     # -- verdicts ------------------------------------------------------------------------
     def _send(self, pkt, decision: Decision, buf=None) -> None:
@@ -116,13 +119,19 @@ class Runner:
                         if eng.trimmed is not None:       # cut at a message end
                             p.buf = p.buf[:eng.trimmed]
                         decided.append((p, d))
+                if eng.fast_ops:
+                    self._apply_fast()
                 if eng.injected:
                     injected, eng.injected = eng.injected, []
                 if timers and now >= next_tick:
+                    if self.fastpath is not None:
+                        self._refresh_fast(now)
                     for handle, d, buf in eng.tick(now):
                         decided.append((handle, d))
                         handle.buf = memoryview(buf)
                     next_tick = now + 0.2
+                    if eng.fast_ops:
+                        self._apply_fast()
                 if eng.forgotten:
                     forgotten, eng.forgotten = eng.forgotten, []
                 if eng.resumable:
@@ -142,6 +151,68 @@ class Runner:
                 self.write_stats()
                 next_stats = now + self.stats_interval
 
+    # -- the fast path (called with the lock held) ---------------------------------------
+    def _apply_fast(self) -> None:
+        """Write or remove the fast flows of the pairs the engine listed, before the
+        verdicts of the packets that changed them go out.  What the program did for a
+        flow being replaced or removed is counted into the pair first."""
+        eng = self.engine
+        ops, eng.fast_ops = eng.fast_ops, []
+        fp = self.fastpath
+        if fp is None:
+            return
+        from .fastpath import flow_value
+        for pair in {id(p): p for p in ops}.values():
+            keys = pair.in_keys()
+            try:
+                for d in (C2S, S2C):
+                    got = fp.take(keys[d])
+                    if got is not None:
+                        eng.fast_progress(pair, d, got.packets, got.bytes, got.last_ns / 1e9,
+                                          got.next_seq, final=True)
+                sig = pair.fast_sig
+                if sig is None:
+                    continue
+                egress = [fp.egress(pair.tr[d].dst) for d in (C2S, S2C)]
+                if not all(egress):
+                    # One side is reached by a device the program is not attached to
+                    # (or by no route): the queue carries this pair.
+                    eng.counters["fastpath.no_device"] += 1
+                    pair.fast_sig = None
+                    continue
+                for d in (C2S, S2C):
+                    end, watch = sig[d]
+                    fp.put(keys[d], flow_value(pair.tr[d], end_seq=end, ack_watch=watch, ifindex=egress[d]))
+                eng.counters["fastpath.flows_written"] += 2
+            except OSError as e:
+                # A full map or a failing bpf(2): the queue carries the pair.
+                eng.counters[f"fastpath.map_error.{errno.errorcode.get(e.errno, e.errno)}"] += 1
+                for key in keys:
+                    try:
+                        fp.take(key)
+                    except OSError:
+                        pass
+                pair.fast_sig = None
+
+    def _refresh_fast(self, now: float) -> None:
+        """Idle timers: a fast pair's packets never reach the engine, so before its
+        timers run, pairs that look idle for a second learn the program's progress."""
+        if now < self._fast_refresh:
+            return
+        self._fast_refresh = now + 1.0
+        eng = self.engine
+        for pair in list(eng.pairs.values()):
+            if pair.fast_sig is None or now - pair.last_seen < 1.0:
+                continue
+            for d, key in enumerate(pair.in_keys()):
+                try:
+                    got = self.fastpath.get(key)
+                except OSError:
+                    got = None
+                if got is not None:
+                    eng.fast_progress(pair, d, got.packets, got.bytes, got.last_ns / 1e9,
+                                      got.next_seq, final=False)
+
     # -- the proxy's calls ---------------------------------------------------------------
     def register(self, pair: Pair) -> Pair:
         with self.lock:
@@ -150,6 +221,8 @@ class Runner:
     def splice(self, pair: Pair, a: SocketState, b: SocketState, **kw) -> None:
         with self.lock:
             self._send_all(self.engine.splice(pair, a, b, **kw))
+            if self.engine.fast_ops:
+                self._apply_fast()
 
     def resume_numbers(self, pair: Pair):
         with self.lock:
@@ -158,11 +231,15 @@ class Runner:
     def finish_resume(self, pair: Pair) -> None:
         with self.lock:
             self._send_all(self.engine.finish_resume(pair))
+            if self.engine.fast_ops:
+                self._apply_fast()
 
     def abort(self, pair: Pair, reason: str) -> None:
         with self.lock:
             self._send_all(self.engine.abort(pair, reason))
             self.engine.forgotten = [p for p in self.engine.forgotten if p is not pair]
+            if self.engine.fast_ops:
+                self._apply_fast()
 
     # -- stats ---------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -174,6 +251,11 @@ class Runner:
                "queue.enobufs": sum(getattr(b, "enobufs", 0) for b in self.backends),
                "queue.verdict_errors": self.verdict_errors}
         out.update(eng)
+        if self.fastpath is not None:
+            try:
+                out.update(self.fastpath.counters())
+            except OSError:
+                out["fastpath.counters_unreadable"] = 1
         tap = self.engine.tap
         if tap is not None:
             out.update({"tap.bytes": tap.bytes_written, "tap.complete": tap.complete,

@@ -1,0 +1,360 @@
+"""The fast path: spliced pairs' steady state forwarded by a tc-BPF program.
+
+Per packet, NFQUEUE costs a trip to Python and back and a verdict that re-enters the
+stack (README: about 150 us per 64 KiB packet); with many concurrent flows TCP sends
+small GSO packets and that cost decides everything.  The engine in Python stays the
+authority over a pair: it does the hand-off, message ends, FIN, RST, timers and
+every packet that is not plain data or ACK.  While a pair is plainly SPLICED it
+writes the pair's two translations into a BPF hash map, and `fastpath.bpf.c`
+(attached at tc ingress of the proxy host's devices) rewrites and redirects those
+packets itself, exactly as `packet.rewrite` would; anything it is not sure about goes
+on to the rules and the queue, unchanged.  The program's header says which packets.
+
+Tools: clang compiles the program when a FastPath is opened, bpftool loads it (the
+object is pinned for a moment in a private bpffs mount, then only the tc filters and
+our file descriptors hold it), tc attaches it; map reads and writes are bpf(2) calls
+through ctypes.  `available()` names what is missing.
+
+Each instance attaches with its own tc filter priority (from the instance name), so
+`cleanup(instance)` can find and remove its filters after a crash.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+log = logging.getLogger("nfsplice.fastpath")
+
+SOURCE = os.path.join(os.path.dirname(__file__), "fastpath.bpf.c")
+
+# struct flow in fastpath.bpf.c (88 bytes); addresses and ports in network order.
+FLOW = struct.Struct("=4s4s2s2sIIIIIIIIIBBBB4xQQQII")
+F_FAST, F_END, F_WATCH, F_FLOOR = 1, 2, 4, 8
+STAT_NAMES = ("fast_packets", "fast_bytes", "queue_marked", "punt.flags", "punt.options",
+              "punt.message_end", "punt.ack_watch", "punt.tsecr_floor", "punt.zero_window",
+              "punt.shape", "redirect_failed")
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT, TC_ACT_UNSPEC = 0, 2, 7, -1
+
+_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
+_BPF_MAP_LOOKUP_ELEM, _BPF_MAP_UPDATE_ELEM, _BPF_MAP_DELETE_ELEM = 1, 2, 3
+_BPF_OBJ_GET, _BPF_PROG_TEST_RUN = 7, 10
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class FastPathError(RuntimeError):
+    """The fast path cannot be set up; the message names the missing piece."""
+
+
+@dataclass
+class Progress:
+    """What the program did for one direction since its flow was written."""
+    packets: int
+    bytes: int
+    last_ns: int          # CLOCK_MONOTONIC, as time.monotonic() * 1e9
+    next_seq: int         # highest seq + len forwarded (meaningful when packets > 0)
+
+
+def _bpf(cmd: int, attr: bytes) -> int:
+    buf = ctypes.create_string_buffer(attr, 128)
+    r = _libc.syscall(_NR_BPF, cmd, buf, 128)
+    if r < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return r
+
+
+def _obj_get(path: str) -> int:
+    p = ctypes.create_string_buffer(path.encode())
+    return _bpf(_BPF_OBJ_GET, struct.pack("=QII", ctypes.addressof(p), 0, 0))
+
+
+class _Map:
+    def __init__(self, fd: int, key_size: int, value_size: int):
+        self.fd, self.key_size, self.value_size = fd, key_size, value_size
+
+    def _call(self, cmd: int, key: bytes, value=None) -> bool:
+        """bpf(2) on one element; False when the key is not there (ENOENT)."""
+        k = ctypes.create_string_buffer(key, self.key_size)
+        # Fields a command does not use must be zero (DELETE has no value).
+        attr = struct.pack("=IIQQQ", self.fd, 0, ctypes.addressof(k),
+                           ctypes.addressof(value) if value is not None else 0, 0)
+        try:
+            _bpf(cmd, attr)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
+    def lookup(self, key: bytes) -> bytes | None:
+        v = ctypes.create_string_buffer(self.value_size)
+        return v.raw if self._call(_BPF_MAP_LOOKUP_ELEM, key, v) else None
+
+    def update(self, key: bytes, value: bytes) -> None:
+        self._call(_BPF_MAP_UPDATE_ELEM, key, ctypes.create_string_buffer(value, self.value_size))
+
+    def delete(self, key: bytes) -> bool:
+        return self._call(_BPF_MAP_DELETE_ELEM, key)
+
+
+def available() -> str | None:
+    """None if this machine can run the fast path, else what is missing."""
+    for tool, pkg in (("clang", "clang"), ("bpftool", "bpftool"), ("tc", "iproute2")):
+        if shutil.which(tool) is None:
+            return f"the fast path needs {tool} (Debian package {pkg})"
+    if not os.path.exists("/usr/include/bpf/bpf_helpers.h"):
+        return "the fast path needs libbpf's headers (Debian package libbpf-dev)"
+    if os.geteuid() != 0:
+        return "the fast path needs root (bpf(2), tc)"
+    return None
+
+
+def tc_priority(instance: str) -> int:
+    """The tc filter priority of INSTANCE's filters (unique per instance name)."""
+    return 0xC000 + int.from_bytes(hashlib.sha1(instance.encode()).digest()[:2], "big") % 0x3000
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True)
+
+
+def compile_program(out_dir: str) -> str:
+    obj = os.path.join(out_dir, "fastpath.bpf.o")
+    arch_inc = f"/usr/include/{os.uname().machine}-linux-gnu"
+    r = _run(["clang", "-O2", "-g", "-target", "bpf", "-I", arch_inc, "-c", SOURCE, "-o", obj])
+    if r.returncode:
+        raise FastPathError(f"compiling {SOURCE} failed: {r.stderr.strip()[-800:]}")
+    return obj
+
+
+def ether_devices() -> list[tuple[str, int]]:
+    """(name, ifindex) of this namespace's Ethernet devices that are up (not lo)."""
+    out = []
+    for name in sorted(os.listdir("/sys/class/net")):
+        base = f"/sys/class/net/{name}"
+        try:
+            with open(f"{base}/type") as f:
+                if f.read().strip() != "1":      # ARPHRD_ETHER: the program expects L2
+                    continue
+            with open(f"{base}/ifindex") as f:
+                idx = int(f.read())
+            with open(f"{base}/operstate") as f:
+                state = f.read().strip()
+        except OSError:
+            continue
+        if name != "lo" and state in ("up", "unknown"):
+            out.append((name, idx))
+    return out
+
+
+class FastPath:
+    """The loaded program, its maps and its tc filters for one nfsplice instance."""
+
+    def __init__(self, instance: str, devices: list[tuple[str, int]] | None = None,
+                 attach: bool = True):
+        why = available()
+        if why:
+            raise FastPathError(why)
+        self.instance = instance
+        self.pref = tc_priority(instance)
+        self.devices = ether_devices() if devices is None else devices
+        self.ifindexes = {idx for _, idx in self.devices}
+        self.attached: list[str] = []
+        self.added_clsact: list[str] = []
+        self._routes: dict[bytes, int] = {}
+        self._last: dict[str, int] = {}
+        tmp = tempfile.mkdtemp(prefix="nfsplice-bpf-")
+        pin = os.path.join(tmp, "fs")
+        os.mkdir(pin)
+        mounted = False
+        try:
+            obj = compile_program(tmp)
+            r = _run(["mount", "-t", "bpf", "bpf", pin])
+            if r.returncode:
+                raise FastPathError(f"mounting a bpf filesystem failed: {r.stderr.strip()}")
+            mounted = True
+            r = _run(["bpftool", "prog", "load", obj, f"{pin}/prog", "type", "classifier",
+                      "pinmaps", f"{pin}/maps"])
+            if r.returncode:
+                raise FastPathError("loading the fast path program failed (kernel BPF support, "
+                                    f"tc classifier programs): {r.stderr.strip()[-800:]}")
+            self.prog_fd = _obj_get(f"{pin}/prog")
+            self.flows = _Map(_obj_get(f"{pin}/maps/nfs_flows"), 12, FLOW.size)
+            self.stats_map = _Map(_obj_get(f"{pin}/maps/nfs_stats"), 4, 8 * _ncpus())
+            if attach:
+                self._attach(f"{pin}/prog")
+        except BaseException:
+            self.detach()
+            raise
+        finally:
+            if mounted:
+                _run(["umount", "-l", pin])
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- tc ------------------------------------------------------------------------------
+    def _attach(self, prog_path: str) -> None:
+        for name, _ in self.devices:
+            r = _run(["tc", "qdisc", "add", "dev", name, "clsact"])
+            if r.returncode == 0:
+                self.added_clsact.append(name)
+            elif "File exists" not in r.stderr and "Exclusivity flag" not in r.stderr:
+                raise FastPathError(f"tc qdisc add dev {name} clsact: {r.stderr.strip()}")
+            r = _run(["tc", "filter", "add", "dev", name, "ingress", "pref", str(self.pref), "handle", "1",
+                      "bpf", "object-pinned", prog_path, "direct-action"])
+            if r.returncode:
+                raise FastPathError(f"attaching the fast path to {name} failed: {r.stderr.strip()}")
+            self.attached.append(name)
+
+    def detach(self) -> None:
+        for name in self.attached:
+            _run(["tc", "filter", "del", "dev", name, "ingress", "pref", str(self.pref)])
+        for name in self.added_clsact:
+            r = _run(["tc", "filter", "show", "dev", name, "ingress"])
+            if r.returncode == 0 and not r.stdout.strip():
+                _run(["tc", "qdisc", "del", "dev", name, "clsact"])
+        self.attached, self.added_clsact = [], []
+
+    def close(self) -> None:
+        """Detach and let go; counters() keeps answering with the last figures."""
+        self.detach()
+        if getattr(self, "stats_map", None) is not None and self.stats_map.fd is not None:
+            self._last = self.counters()
+        for attr in ("prog_fd",):
+            fd = getattr(self, attr, None)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, attr, None)
+        for m in ("flows", "stats_map"):
+            mp = getattr(self, m, None)
+            if mp is not None and mp.fd is not None:
+                os.close(mp.fd)
+                mp.fd = None
+
+    # -- flows ---------------------------------------------------------------------------
+    def egress(self, dst: bytes) -> int:
+        """The ifindex packets to DST leave by, if the program is attached there; else 0."""
+        idx = self._routes.get(dst)
+        if idx is None:
+            idx = _route_oif(socket.inet_ntoa(dst))
+            idx = idx if idx in self.ifindexes else 0
+            self._routes[dst] = idx
+        return idx
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.flows.update(key, value)
+
+    def get(self, key: bytes) -> Progress | None:
+        raw = self.flows.lookup(key)
+        return None if raw is None else _progress(raw)
+
+    def take(self, key: bytes) -> Progress | None:
+        """Delete KEY's flow; what the program did for it (None: there was none)."""
+        raw = self.flows.lookup(key)
+        if raw is None:
+            return None
+        self.flows.delete(key)
+        return _progress(raw)
+
+    def counters(self) -> dict[str, int]:
+        if self.stats_map.fd is None:
+            return dict(self._last)
+        out = {}
+        for i, name in enumerate(STAT_NAMES):
+            raw = self.stats_map.lookup(struct.pack("=I", i))
+            if raw is not None:
+                total = sum(struct.unpack(f"={len(raw) // 8}Q", raw))
+                if total:
+                    out["fastpath." + name] = total
+        return out
+
+    def test_run(self, frame: bytes) -> tuple[int, bytes]:
+        """Run the program on FRAME (Ethernet) without a device: (return value, frame out)."""
+        data_in = ctypes.create_string_buffer(frame, len(frame))
+        out = ctypes.create_string_buffer(len(frame) + 256)
+        attr = struct.pack("=IIIIQQIIIIQQIII", self.prog_fd, 0, len(frame), len(out),
+                           ctypes.addressof(data_in), ctypes.addressof(out), 1, 0, 0, 0, 0, 0, 0, 0, 0)
+        buf = ctypes.create_string_buffer(attr, 128)
+        r = _libc.syscall(_NR_BPF, _BPF_PROG_TEST_RUN, buf, 128)
+        if r < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        _fd, retval, _sin, size_out = struct.unpack_from("=IiII", buf.raw)
+        return retval, out.raw[:size_out]
+
+
+def flow_value(tr, *, end_seq: int | None, ack_watch: int | None, ifindex: int, mark: int = 0,
+               fast: bool = True) -> bytes:
+    """The map value for one direction with Translation TR (packet.Translation)."""
+    flags = (F_FAST if fast else 0) | (F_END if end_seq is not None else 0) \
+        | (F_WATCH if ack_watch is not None else 0) | (F_FLOOR if tr.tsecr_floor is not None else 0)
+    m = 0xFFFFFFFF
+    return FLOW.pack(tr.src, tr.dst, struct.pack("!H", tr.sport), struct.pack("!H", tr.dport),
+                     tr.seq_delta & m, tr.ack_delta & m, tr.tsval_delta & m, tr.tsecr_delta & m,
+                     (end_seq or 0) & m, (ack_watch or 0) & m, (tr.tsecr_floor or 0) & m,
+                     ifindex, mark, tr.win_shift_in, tr.win_shift_out, flags, 0, 0, 0, 0, 0, 0)
+
+
+def _progress(raw: bytes) -> Progress:
+    f = FLOW.unpack(raw)
+    return Progress(packets=f[17], bytes=f[18], last_ns=f[19], next_seq=f[20])
+
+
+def _ncpus() -> int:
+    """Possible CPUs (per-CPU map values have one slot each)."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            text = f.read().strip()
+        n = 0
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            n = max(n, int(hi or lo) + 1)
+        return n
+    except OSError:
+        return os.cpu_count() or 1
+
+
+def _route_oif(dst: str) -> int:
+    from pyroute2 import IPRoute
+    try:
+        with IPRoute() as ipr:
+            routes = ipr.route("get", dst=dst)
+    except Exception:   # noqa: BLE001 - pyroute2 raises NetlinkError and friends
+        return 0
+    for r in routes:
+        oif = r.get_attr("RTA_OIF")
+        if oif:
+            return int(oif)
+    return 0
+
+
+def cleanup(keep_prefs: set[int] = frozenset()) -> list[str]:
+    """Remove the fast path tc filters of this namespace's devices, except those with a
+    priority in KEEP_PREFS (running instances'); returns what was removed."""
+    removed = []
+    if shutil.which("tc") is None:
+        return removed
+    for name, _ in ether_devices():
+        r = _run(["tc", "filter", "show", "dev", name, "ingress"])
+        if r.returncode:
+            continue
+        prefs = set()
+        for line in r.stdout.splitlines():
+            if "nfsplice_fast" in line and " pref " in line:
+                pref = int(line.split(" pref ")[1].split()[0])
+                if pref not in keep_prefs:
+                    prefs.add(pref)
+        for pref in sorted(prefs):
+            _run(["tc", "filter", "del", "dev", name, "ingress", "pref", str(pref)])
+            removed.append(f"tc filter {name} ingress pref {pref}")
+    return removed

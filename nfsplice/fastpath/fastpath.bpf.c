@@ -1,0 +1,239 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+/*
+ * nfsplice fast path: the steady state of a spliced pair, forwarded at tc ingress.
+ *
+ * The Python engine (nfsplice/engine.py) stays the authority: it does the hand-off,
+ * message ends, FIN/RST, timers and everything unusual.  Once a pair is SPLICED and
+ * nothing but plain data and ACKs is expected, the engine writes one `struct flow`
+ * per direction into `nfs_flows`, keyed by the 4-tuple the packet arrives with, and
+ * this program applies exactly the translation packet.rewrite() would (addresses,
+ * ports, seq/ack offsets, window scale, TSval/TSecr) and redirects the packet to the
+ * other side's device.  A packet it is not sure about goes on unchanged to netfilter,
+ * where the rules queue it to the engine ("punt"):
+ *
+ *   SYN, FIN, RST or URG, or no ACK       state changes: the engine must see them
+ *   options other than none or NOP,NOP,TS SACK blocks, anything odd
+ *   payload past the direction's end     a message end (HTTP body) is cut by the engine
+ *   an ACK reaching the watched sequence the other direction's message end or FIN is
+ *                                        acknowledged: the engine decides what follows
+ *   TSecr below the floor                 the engine floors it
+ *   a zero window                         counted by the engine
+ *   IP options, fragments, BIG TCP       never spliced fast
+ *
+ * The per-flow counters (packets, bytes, last packet time, highest sequence seen) are
+ * how the engine learns what the fast path did: idle timers, resume numbers, stats.
+ * Flows in mode QUEUE are only marked (skb->mark) for the rules and go on.
+ *
+ * Checksums: the helpers handle every ip_summed state: with CHECKSUM_PARTIAL (a GSO
+ * packet from a local stack over veth) only the pseudo-header part of the change is
+ * applied, otherwise the whole difference (RFC 1624 arithmetic, done by the kernel).
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/tcp.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define F_FAST   1   /* rewrite and redirect; otherwise only mark for the queue */
+#define F_END    2   /* end_seq is set: payload past it is punted */
+#define F_WATCH  4   /* ack_watch is set: a translated ack reaching it is punted */
+#define F_FLOOR  8   /* tsecr_floor is set */
+
+struct flow_key {
+	__u32 saddr, daddr;     /* network order, as the packet arrives */
+	__u16 sport, dport;
+};
+
+struct flow {
+	__u32 saddr, daddr;     /* the packet leaves with these (network order) */
+	__u16 sport, dport;
+	__u32 seq_delta, ack_delta, tsval_delta, tsecr_delta;   /* host order, mod 2^32 */
+	__u32 end_seq;          /* sender's space */
+	__u32 ack_watch;        /* receiver's space (after translation) */
+	__u32 tsecr_floor;
+	__u32 ifindex;          /* egress device; 0: let the stack route it */
+	__u32 mark;             /* skb mark of punted packets and QUEUE flows */
+	__u8 win_in, win_out, flags, pad;
+	/* written by this program */
+	__u64 packets, bytes, last_ns;
+	__u32 next_seq;         /* highest seq + len forwarded (valid once packets > 0) */
+	__u32 pad2;
+};
+
+enum {
+	S_FAST_PACKETS, S_FAST_BYTES, S_QUEUE_MARKED,
+	P_FLAGS, P_OPTIONS, P_END, P_WATCH, P_FLOOR, P_ZERO_WINDOW, P_SHAPE, P_REDIRECT,
+	S_MAX
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct flow_key);
+	__type(value, struct flow);
+} nfs_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, S_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} nfs_stats SEC(".maps");
+
+static __always_inline void count(__u32 what, __u64 n)
+{
+	__u64 *v = bpf_map_lookup_elem(&nfs_stats, &what);
+	if (v)
+		*v += n;
+}
+
+static __always_inline int punt(struct __sk_buff *skb, struct flow *f, __u32 why)
+{
+	count(why, 1);
+	skb->mark = f->mark;
+	return TC_ACT_OK;
+}
+
+#define ETH_LEN 14
+#define IP_OFF ETH_LEN
+#define TCP_OFF (ETH_LEN + 20)
+#define TCP_CSUM_OFF (TCP_OFF + 16)
+#define IP_CSUM_OFF (IP_OFF + 10)
+
+SEC("tc")
+int nfsplice_fast(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip;
+	struct tcphdr *th;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return TC_ACT_UNSPEC;
+	__u32 want = skb->len < TCP_OFF + 32 ? skb->len : TCP_OFF + 32;
+	if (data + want > data_end) {
+		/* Headers not all in the linear part: pull them in. */
+		if (bpf_skb_pull_data(skb, want))
+			return TC_ACT_UNSPEC;
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
+	if (data + TCP_OFF + 20 > data_end)
+		return TC_ACT_UNSPEC;
+	ip = data + IP_OFF;
+	if (ip->ihl != 5 || ip->protocol != IPPROTO_TCP)
+		return TC_ACT_UNSPEC;
+	th = data + TCP_OFF;
+
+	struct flow_key key = {ip->saddr, ip->daddr, th->source, th->dest};
+	struct flow *f = bpf_map_lookup_elem(&nfs_flows, &key);
+	if (!f)
+		return TC_ACT_UNSPEC;
+	if (!(f->flags & F_FAST)) {
+		count(S_QUEUE_MARKED, 1);
+		skb->mark = f->mark;
+		return TC_ACT_OK;
+	}
+	if (ip->frag_off & bpf_htons(0x3fff) || ip->tot_len == 0)
+		return punt(skb, f, P_SHAPE);
+
+	__u8 *tcpb = (__u8 *)th;
+	__u8 flags = tcpb[13];
+	if ((flags & (0x01 | 0x02 | 0x04 | 0x20)) || !(flags & 0x10))   /* FIN SYN RST URG; ACK */
+		return punt(skb, f, P_FLAGS);
+	__u32 doff = th->doff * 4;
+	int has_ts = 0;
+	if (doff == 32) {
+		if (data + TCP_OFF + 32 > data_end)
+			return punt(skb, f, P_SHAPE);
+		if (tcpb[20] != 1 || tcpb[21] != 1 || tcpb[22] != 8 || tcpb[23] != 10)
+			return punt(skb, f, P_OPTIONS);
+		has_ts = 1;
+	} else if (doff != 20) {
+		return punt(skb, f, P_OPTIONS);
+	}
+	__u32 tot = bpf_ntohs(ip->tot_len);
+	if (tot < 20 + doff)
+		return punt(skb, f, P_SHAPE);
+	__u32 plen = tot - 20 - doff;
+	__u32 seq = bpf_ntohl(th->seq);
+	__u32 nxt = seq + plen;
+	if ((f->flags & F_END) && (__s32)(nxt - f->end_seq) > 0)
+		return punt(skb, f, P_END);
+	__u32 ack = bpf_ntohl(th->ack_seq) + f->ack_delta;
+	if ((f->flags & F_WATCH) && (__s32)(ack - f->ack_watch) >= 0)
+		return punt(skb, f, P_WATCH);
+	__u16 win = bpf_ntohs(th->window);
+	if (win == 0)
+		return punt(skb, f, P_ZERO_WINDOW);
+
+	/* The TCP header words that change (ports, seq, ack, doff/flags/window, TSval,
+	 * TSecr), old and new, for one checksum difference. */
+	__u32 old[6], new[6];
+	old[0] = *(__u32 *)&th->source;
+	old[1] = th->seq;
+	old[2] = th->ack_seq;
+	old[3] = *(__u32 *)(tcpb + 12);
+	old[4] = 0;
+	old[5] = 0;
+	__u32 w = win;
+	if (f->win_in != f->win_out) {
+		w = (w << (f->win_in & 15)) >> (f->win_out & 15);
+		if (w > 0xffff)
+			w = 0xffff;
+		if (w == 0)
+			w = 1;   /* win != 0 here: a non-zero window never becomes zero */
+	}
+	__u16 ports[2] = {f->sport, f->dport};
+	new[0] = *(__u32 *)ports;
+	new[1] = bpf_htonl(seq + f->seq_delta);
+	new[2] = bpf_htonl(ack);
+	__u16 ofl_win[2] = {*(__u16 *)(tcpb + 12), bpf_htons((__u16)w)};
+	new[3] = *(__u32 *)ofl_win;
+	new[4] = 0;
+	new[5] = 0;
+	if (has_ts) {
+		old[4] = *(__u32 *)(tcpb + 24);
+		old[5] = *(__u32 *)(tcpb + 28);
+		__u32 tsecr = bpf_ntohl(old[5]) + f->tsecr_delta;
+		if ((f->flags & F_FLOOR) && (__s32)(tsecr - f->tsecr_floor) < 0)
+			return punt(skb, f, P_FLOOR);
+		new[4] = bpf_htonl(bpf_ntohl(old[4]) + f->tsval_delta);
+		new[5] = bpf_htonl(tsecr);
+	}
+	__u32 old_addr[2] = {ip->saddr, ip->daddr};
+	__u32 new_addr[2] = {f->saddr, f->daddr};
+
+	/* Progress, before the packet goes: the engine reads it for timers and resumes. */
+	__sync_fetch_and_add(&f->packets, 1);
+	__sync_fetch_and_add(&f->bytes, plen);
+	f->last_ns = bpf_ktime_get_ns();
+	if (f->packets == 1 || (__s32)(nxt - f->next_seq) > 0)
+		f->next_seq = nxt;
+
+	__s64 d_addr = bpf_csum_diff(old_addr, 8, new_addr, 8, 0);
+	__s64 d_tcp = bpf_csum_diff(old, 24, new, 24, 0);
+	if (d_addr < 0 || d_tcp < 0)
+		return punt(skb, f, P_SHAPE);
+	bpf_l3_csum_replace(skb, IP_CSUM_OFF, 0, d_addr, 0);
+	bpf_l4_csum_replace(skb, TCP_CSUM_OFF, 0, d_addr, BPF_F_PSEUDO_HDR);
+	bpf_l4_csum_replace(skb, TCP_CSUM_OFF, 0, d_tcp, 0);
+	bpf_skb_store_bytes(skb, IP_OFF + 12, new_addr, 8, 0);
+	bpf_skb_store_bytes(skb, TCP_OFF, new, 16, 0);
+	if (has_ts)
+		bpf_skb_store_bytes(skb, TCP_OFF + 24, &new[4], 8, 0);
+	count(S_FAST_PACKETS, 1);
+	count(S_FAST_BYTES, plen);
+	if (f->ifindex) {
+		long r = bpf_redirect_neigh(f->ifindex, NULL, 0, 0);
+		if (r != TC_ACT_REDIRECT)
+			count(P_REDIRECT, 1);
+		return r;
+	}
+	return TC_ACT_OK;
+}
+
+char _license[] SEC("license") = "Dual MIT/GPL";
