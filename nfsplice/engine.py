@@ -37,6 +37,7 @@ from .queue.base import HOOK_LOCAL_OUT
 
 C2S, S2C = 0, 1
 INJECT_MARK = 0x6E730001   # skb mark of the pure ACKs the engine injects ("ns" 1)
+QUEUE_MARK = 0x6E730002    # packets of pairs the engine handles, when only those are queued
 DIRECTION_NAMES = ("c2s", "s2c")
 _TS = struct.Struct("!II")
 _PKT_NAMES = ("packets.c2s", "packets.s2c")
@@ -388,20 +389,25 @@ class Engine:
         if pair.state < State.CLOSING:
             pair.state = State.CLOSING
             pair.closing_since = pair.last_seen
-            if pair.fast_sig is not None:
+            if self.fast:
                 self._fast_check(pair)
 
     # -- the fast path -----------------------------------------------------------------------
-    def fast_signature(self, pair: Pair) -> tuple | None:
-        """What the pair's fast flows must say, or None when the fast path must leave
-        the pair to the engine: per direction (message end, acknowledgement watch).
-        Only a plainly spliced pair is fast; a message end or FIN being acknowledged,
-        a reset, an overrun, a resume and a tap (which needs every payload) are not."""
-        if not (self.fast and pair.state == State.SPLICED) or pair.resuming or pair.reset \
+    def fast_signature(self, pair: Pair) -> tuple | str | None:
+        """What the pair's flows in the fast path must say: None, no flows (the fast
+        path is off or the pair is gone); "queue", flows that only mark the pair's
+        packets for the rules (the engine handles every one); or per direction
+        (message end, acknowledgement watch) for flows the program forwards itself.
+        Only a plainly spliced pair is fast; a hand-off, a message end or FIN being
+        acknowledged, a reset, an overrun, a resume and a tap (which needs every
+        payload) are not."""
+        if not self.fast or pair.state == State.DONE:
+            return None
+        if pair.state != State.SPLICED or pair.resuming or pair.reset \
                 or pair.overrun or pair.message_done is not None or pair.held \
                 or pair.fin_seq[C2S] is not None or pair.fin_seq[S2C] is not None \
                 or pair.tap[C2S] is not None or pair.tap[S2C] is not None:
-            return None
+            return "queue"
         sig = []
         for d in (C2S, S2C):
             o = 1 - d
@@ -498,6 +504,8 @@ class Engine:
                                             {"pair": pair.id, "direction": DIRECTION_NAMES[d],
                                              "flow": pair.describe()})
         self.counters["pairs.registered"] += 1
+        if self.fast:
+            self._fast_check(pair)
         return pair
 
     def splice(self, pair: Pair, a: SocketState, b: SocketState, *, copied=(0, 0),

@@ -79,7 +79,7 @@ def instance_chain(instance: str) -> str:
 
 def tcp_rules(instance: str, *, listen_ip: str, listen_port: int, upstream_ip: str,
               upstream_port: int, ports: tuple[int, int], queue: int, bypass: bool,
-              queues: int = 1, template: str = "tcp.rules") -> RuleSet:
+              queues: int = 1, template: str = "tcp.rules", only_mark: int | None = None) -> RuleSet:
     chain = instance_chain(instance)
     comment = f"nfsplice:{instance} pid={os.getpid()}"
     with open(template_path(template)) as f:
@@ -88,7 +88,8 @@ def tcp_rules(instance: str, *, listen_ip: str, listen_port: int, upstream_ip: s
                        upstream_ip=upstream_ip, upstream_port=upstream_port,
                        ports=f"{ports[0]}:{ports[1]}",
                        queue=f"--queue-num {queue}" if queues == 1 else f"--queue-balance {queue}:{queue + queues - 1}",
-                       bypass=" --queue-bypass" if bypass else "")
+                       bypass=" --queue-bypass" if bypass else "",
+                       only_marked=f"-m mark --mark {only_mark:#x} " if only_mark is not None else "")
     return RuleSet(instance, chain, comment, text)
 
 

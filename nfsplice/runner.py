@@ -20,10 +20,12 @@ import socket
 import threading
 import time
 
-from .engine import C2S, INJECT_MARK, S2C, Decision, Engine, Pair, SocketState
+from .engine import C2S, INJECT_MARK, QUEUE_MARK, S2C, Decision, Engine, Pair, SocketState
+from .packet import Translation
 from .queue.base import ACCEPT, DROP
 
 STATS_DIR = "/run/nfsplice"
+_NO_TRANSLATION = Translation(b"\0" * 4, b"\0" * 4, 0, 0)   # flows that only mark
 SO_MARK = 36
 
 
@@ -165,24 +167,29 @@ class Runner:
         for pair in {id(p): p for p in ops}.values():
             keys = pair.in_keys()
             try:
-                for d in (C2S, S2C):
-                    got = fp.take(keys[d])
+                for d, key in enumerate(keys):
+                    got = fp.take(key)
                     if got is not None:
                         eng.fast_progress(pair, d, got.packets, got.bytes, got.last_ns / 1e9,
                                           got.next_seq, final=True)
                 sig = pair.fast_sig
                 if sig is None:
                     continue
-                egress = [fp.egress(pair.tr[d].dst) for d in (C2S, S2C)]
-                if not all(egress):
+                egress = [fp.egress(pair.tr[d].dst) for d in (C2S, S2C)] if sig != "queue" else []
+                if sig != "queue" and not all(egress):
                     # One side is reached by a device the program is not attached to
                     # (or by no route): the queue carries this pair.
                     eng.counters["fastpath.no_device"] += 1
-                    pair.fast_sig = None
+                    sig = pair.fast_sig = "queue"
+                if sig == "queue":
+                    for key in keys:
+                        fp.put(key, flow_value(_NO_TRANSLATION, end_seq=None, ack_watch=None,
+                                               ifindex=0, mark=QUEUE_MARK, fast=False))
                     continue
                 for d in (C2S, S2C):
                     end, watch = sig[d]
-                    fp.put(keys[d], flow_value(pair.tr[d], end_seq=end, ack_watch=watch, ifindex=egress[d]))
+                    fp.put(keys[d], flow_value(pair.tr[d], end_seq=end, ack_watch=watch, ifindex=egress[d],
+                                               mark=QUEUE_MARK))
                 eng.counters["fastpath.flows_written"] += 2
             except OSError as e:
                 # A full map or a failing bpf(2): the queue carries the pair.
@@ -202,7 +209,7 @@ class Runner:
         self._fast_refresh = now + 1.0
         eng = self.engine
         for pair in list(eng.pairs.values()):
-            if pair.fast_sig is None or now - pair.last_seen < 1.0:
+            if not isinstance(pair.fast_sig, tuple) or now - pair.last_seen < 1.0:
                 continue
             for d, key in enumerate(pair.in_keys()):
                 try:

@@ -186,3 +186,72 @@ def test_long_spliced_body_not_cut_by_the_message_timer():
     run(eng, from_server(70000, 90000, payload=b"x" * 1000))
     eng.tick(now=100.0)
     assert pair.message_done is None and pair.state == State.SPLICED and not eng.injected
+
+
+# -- the fast path's flows: what the engine asks the runner to write --------------------
+def _ops(eng):
+    ops, eng.fast_ops = eng.fast_ops, []
+    return [(p.id, p.fast_sig) for p in ops]
+
+
+def test_fast_flows_follow_the_pair():
+    """Registered: flows that only mark (the hand-off is the engine's).  Spliced: fast
+    flows.  A FIN: back to marking, so the engine sees the close.  Forgotten: none."""
+    eng = Engine(linger=0.5)
+    eng.fast = True
+    pair = eng.register(Pair(Endpoint(CLIENT, 40000), Endpoint(PA, 8080), Endpoint(PB, 61000),
+                             Endpoint(SERVER, 8000)), now=0.0)
+    assert _ops(eng) == [(pair.id, "queue")]
+    eng.splice(pair, A, B)
+    assert _ops(eng) == [(pair.id, ((None, None), (None, None)))]
+    run(eng, from_server(70000, 90000, payload=b"x" * 100))
+    assert _ops(eng) == []                           # nothing changed: nothing to write
+    run(eng, from_server(70100, 90000, flags=P.ACK | P.FIN))
+    assert _ops(eng) == [(pair.id, "queue")]
+    run(eng, from_client(5000, 1102, flags=P.ACK | P.FIN))
+    run(eng, from_server(70101, 90001))
+    eng.tick(now=100.0)
+    assert _ops(eng) == [(pair.id, None)] and pair.state == State.DONE
+
+
+def test_fast_flows_carry_message_end_and_watch():
+    """A spliced response body: the origin's flow stops at the end, the client's flow
+    watches for the ACK of that end; when it comes the engine takes the pair back."""
+    eng = Engine()
+    eng.fast = True
+    pair = new_pair(eng, limits=(0, 150))
+    ops = _ops(eng)
+    end_c2s, end_s2c = A.rcv_seq, B.rcv_seq + 150
+    # C2S: ends where it is (nothing may go to the origin), watches the body's end.
+    # S2C: ends after 150 bytes, and watches the C2S end, which the first ack reaches.
+    assert ops[-1] == (pair.id, ((end_c2s, end_s2c), (end_s2c, end_c2s)))
+    run(eng, from_server(70000, 90000, payload=b"x" * 100))     # acks the request: C2S end acked
+    assert _ops(eng) == [(pair.id, ((end_c2s, end_s2c), (end_s2c, None)))]
+    run(eng, from_client(5000, 1150))                            # acks the whole body
+    assert _ops(eng) == [(pair.id, "queue")] and pair.message_done is not None
+
+
+def test_fast_progress_counts_what_the_program_forwarded():
+    eng = Engine()
+    eng.fast = True
+    pair = new_pair(eng)
+    eng.fast_progress(pair, S2C, 10, 15000, 42.0, 85000, final=False)
+    eng.fast_progress(pair, S2C, 12, 18000, 43.0, 88000, final=True)   # the same flow, later
+    assert pair.packets[S2C] == 12 and pair.bytes[S2C] == 18000
+    assert eng.counters["bytes.s2c"] == 18000 and pair.next_seq[S2C] == 88000
+    assert pair.last_seen == 43.0
+    eng.fast_progress(pair, S2C, 1, 100, 44.0, 88100, final=True)      # a new flow counts from 0
+    assert pair.bytes[S2C] == 18100
+
+
+def test_no_fast_flows_when_off_or_tapped(tmp_path):
+    from nfsplice.tap import TapStore
+    eng = Engine()
+    new_pair(eng)
+    assert eng.fast_ops == []
+    tap = TapStore(str(tmp_path))
+    eng = Engine(tap)
+    eng.fast = True
+    pair = new_pair(eng)
+    assert _ops(eng)[-1] == (pair.id, "queue")     # the tap needs every payload
+    tap.stop()
