@@ -125,6 +125,7 @@ class Pair:
     resumable: bool = False            # at the message end the proxy takes both connections back
     resuming: bool = False             # ... and is doing so: every packet is held meanwhile
     spliced_at: float = 0.0
+    progress_at: float = 0.0           # when a direction last carried a new byte (or the splice)
     # The fast path (fastpath/): what its flows were last written with (None: no flows),
     # and per direction the program's (packets, bytes) already counted here.
     fast_sig: tuple | None = None
@@ -167,7 +168,7 @@ class Engine:
 
     def __init__(self, tap=None, *, linger: float = 2.0, idle_timeout: float = 300.0,
                  handoff_timeout: float = 10.0, message_close_timeout: float = 10.0,
-                 clock=time.monotonic):
+                 inactivity_timeout: float | None = None, clock=time.monotonic):
         self.flows: dict[bytes, tuple[Pair, int]] = {}
         self.out_flows: dict[bytes, Pair] = {}
         self.syns: dict[bytes, _SynRecord] = {}
@@ -178,6 +179,9 @@ class Engine:
         self.idle_timeout = idle_timeout
         self.handoff_timeout = handoff_timeout
         self.message_close_timeout = message_close_timeout
+        # A spliced pair whose bytes stop moving (a client that reads nothing: only
+        # zero-window probes and ACKs pass) is reset after this long; None: never.
+        self.inactivity_timeout = inactivity_timeout
         self.clock = clock
         self._ids = itertools.count(1)
         self.forgotten: list[Pair] = []   # pairs forgotten since the caller last looked
@@ -314,6 +318,8 @@ class Engine:
         nxt = seq.add(v.seq, plen)
         if pair.next_seq[d] is None or seq.gt(nxt, pair.next_seq[d]):
             pair.next_seq[d] = nxt
+            if plen:
+                pair.progress_at = pair.last_seen
         if plen:
             tap = pair.tap[d]
             if tap is not None:
@@ -439,6 +445,7 @@ class Engine:
             pair.last_seen = last_seen
         if pair.next_seq[d] is None or seq.gt(next_seq, pair.next_seq[d]):
             pair.next_seq[d] = next_seq
+            pair.progress_at = max(pair.progress_at, last_seen)
 
     def _note_handshake(self, key: bytes, v: TCPView, now: float | None) -> None:
         try:
@@ -532,7 +539,7 @@ class Engine:
         pair.frozen = (a, b)
         pair.end_fin = list(end_fin)
         pair.resumable = resume and any(x is not None for x in limits)
-        pair.spliced_at = self.clock()
+        pair.spliced_at = pair.progress_at = self.clock()
         for d, limit in enumerate(limits):
             if limit is not None:
                 pair.end_seq[d] = seq.add(a.rcv_seq if d == C2S else b.rcv_seq, limit)
@@ -600,6 +607,12 @@ class Engine:
                     pair.held = []
                     pair.resuming = False
                     self._reset_both(pair, "resume_timeout")
+            elif (self.inactivity_timeout is not None and pair.message_done is None
+                  and now - pair.progress_at > self.inactivity_timeout):
+                # Packets may still pass (zero-window probes, ACKs) but no byte moved:
+                # the pair must not be held forever.  A RST each way; the client sees a
+                # truncated message.
+                self._reset_both(pair, "inactivity")
             elif pair.resumable and pair.message_done is None:
                 if now - pair.last_seen > self.idle_timeout:
                     self._forget(pair, "idle_timeout")

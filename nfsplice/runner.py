@@ -202,14 +202,15 @@ class Runner:
                 pair.fast_sig = None
 
     def _refresh_fast(self, now: float) -> None:
-        """Idle timers: a fast pair's packets never reach the engine, so before its
-        timers run, pairs that look idle for a second learn the program's progress."""
+        """Idle and inactivity timers: a fast pair's packets never reach the engine, so
+        before its timers run, pairs that look idle (or without progress) for a second
+        learn the program's progress."""
         if now < self._fast_refresh:
             return
         self._fast_refresh = now + 1.0
         eng = self.engine
         for pair in list(eng.pairs.values()):
-            if not isinstance(pair.fast_sig, tuple) or now - pair.last_seen < 1.0:
+            if not isinstance(pair.fast_sig, tuple) or now - min(pair.last_seen, pair.progress_at) < 1.0:
                 continue
             for d, key in enumerate(pair.in_keys()):
                 try:

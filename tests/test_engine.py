@@ -255,3 +255,26 @@ def test_no_fast_flows_when_off_or_tapped(tmp_path):
     pair = new_pair(eng)
     assert _ops(eng)[-1] == (pair.id, "queue")     # the tap needs every payload
     tap.stop()
+
+
+def test_inactivity_resets_a_pair_whose_bytes_stopped():
+    """A client that reads nothing: ACKs with a zero window keep arriving, so the pair
+    never idles out, but no new byte moves.  The inactivity timeout ends it, one RST
+    each way; a pair that makes progress is left alone."""
+    clock = [0.0]
+    eng = Engine(inactivity_timeout=5.0, clock=lambda: clock[0])
+    stuck = new_pair(eng)
+    moving = eng.register(Pair(Endpoint(CLIENT, 40001), Endpoint(PA, 8080), Endpoint(PB, 61001),
+                               Endpoint(SERVER, 8000)), now=0.0)
+    eng.splice(moving, A, B)
+    for t in range(1, 9):
+        clock[0] = float(t)
+        zero = P.build(CLIENT, PA, 40000, 8080, 5000, 1000, P.ACK, window=0)
+        eng.process(memoryview(bytearray(zero)), now=clock[0])
+        data = P.build(SERVER, PB, 8000, 61001, 70000 + 100 * t, 90000, P.ACK, payload=b"y" * 100)
+        eng.process(memoryview(bytearray(data)), now=clock[0])
+        eng.tick(now=clock[0])
+    assert eng.counters["pairs.reset_by_engine.inactivity"] == 1
+    assert stuck.reset and not moving.reset
+    rsts = [IP(bytes(p)) for p in eng.injected]
+    assert {(r.dst, r[TCP].flags.R) for r in rsts} == {("198.18.1.2", 1), ("198.18.2.2", 1)}
