@@ -49,18 +49,24 @@ translations = st.builds(
     seq_delta=U32, ack_delta=U32, win_shift_in=st.integers(0, 14), win_shift_out=st.integers(0, 14),
     tsval_delta=U32, tsecr_delta=U32, tsecr_floor=st.one_of(st.none(), U32))
 
-OPTION_KINDS = ("none", "ts", "sack", "nop_pad")
+OPTION_KINDS = ("none", "ts", "ts_sack", "sack", "sack_bare", "nop_pad", "mss")
 
 
 @st.composite
 def packets(draw):
     flags = draw(st.sampled_from([ACK, ACK | PSH, ACK | FIN, ACK | RST, SYN | ACK, ACK | URG, RST, ACK | PSH]))
     kind = draw(st.sampled_from(OPTION_KINDS))
+    blocks = [(a, (a + 100) & 0xFFFFFFFF) for a in draw(st.lists(U32, min_size=1, max_size=4))]
     if kind == "ts":
         opts = packet.timestamp_option(draw(U32), draw(U32))
-    elif kind == "sack":
-        a = draw(U32)
-        opts = packet.timestamp_option(draw(U32), draw(U32)) + packet.sack_option([(a, (a + 100) & 0xFFFFFFFF)])
+    elif kind == "ts_sack":     # NOP NOP TS NOP NOP SACK: at most 3 blocks fit
+        opts = packet.timestamp_option(draw(U32), draw(U32)) + packet.sack_option(blocks[:3])
+    elif kind == "sack":        # NOP NOP SACK
+        opts = packet.sack_option(blocks)
+    elif kind == "sack_bare":   # SACK without the NOPs: legal, but not a layout the program knows
+        opts = packet.sack_option(blocks[:3])[2:] + b"\x01\x01"
+    elif kind == "mss":
+        opts = b"\x02\x04\x05\xb4"
     elif kind == "nop_pad":
         opts = b"\x01\x01\x01\x01"
     else:
@@ -70,15 +76,25 @@ def packets(draw):
                         window=draw(st.sampled_from([0, 1, 2, 500, 65535])), options=opts, payload=payload)
 
 
+def _layout_known(pkt: bytearray, doff: int) -> bool:
+    """Linux's option layouts the program translates itself."""
+    o = bytes(pkt[40:20 + doff])
+    if not o:
+        return True
+    if o[:4] == b"\x01\x01\x08\x0a":
+        rest = o[12:]
+        return not rest or (rest[:3] == b"\x01\x01\x05" and rest[3] == len(rest) - 2
+                            and (len(rest) - 4) % 8 == 0 and len(rest) - 4 <= 32)
+    return (o[:3] == b"\x01\x01\x05" and o[3] == len(o) - 2 and (len(o) - 4) % 8 == 0
+            and 8 <= len(o) - 4 <= 32)
+
+
 def expect_fast(pkt: bytearray, tr: Translation, end, watch) -> bool:
     """The program's rule (fastpath.bpf.c), restated: may this packet go fast?"""
     v = TCPView(memoryview(pkt))
     if v.flags & (SYN | FIN | RST | URG) or not v.flags & ACK:
         return False
-    if v.doff == 32:
-        if bytes(pkt[40:44]) != b"\x01\x01\x08\x0a":
-            return False
-    elif v.doff != 20:
+    if not _layout_known(pkt, v.doff):
         return False
     if end is not None and seq.gt(seq.add(v.seq, v.payload_len), end):
         return False
@@ -86,14 +102,14 @@ def expect_fast(pkt: bytearray, tr: Translation, end, watch) -> bool:
         return False
     if v.window == 0:
         return False
-    if v.doff == 32 and tr.tsecr_floor is not None:
+    if bytes(pkt[40:44]) == b"\x01\x01\x08\x0a" and tr.tsecr_floor is not None:
         tsecr = struct.unpack_from("!I", pkt, 48)[0]
         if seq.lt(seq.add(tsecr, tr.tsecr_delta), tr.tsecr_floor):
             return False
     return True
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tr=translations, pkt=packets(), end=st.one_of(st.none(), U32), watch=st.one_of(st.none(), U32))
 def test_program_rewrites_exactly_like_the_engine(fp, tr, pkt, end, watch):
     key = bytes(pkt[12:20]) + bytes(pkt[20:24])
@@ -199,12 +215,17 @@ def _env() -> dict:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tr=translations, seq_=U32, ack=U32, tsval=U32, tsecr=U32, ts=st.booleans(),
-       window=st.integers(1, 65535), payload=st.binary(max_size=1500))
-def test_plain_data_goes_fast_and_exact(fp, tr, seq_, ack, tsval, tsecr, ts, window, payload):
-    """The steady state: data and ACKs with or without timestamps, no message end."""
+       window=st.integers(1, 65535), payload=st.binary(max_size=1500), sack=st.lists(U32, max_size=4))
+def test_plain_data_goes_fast_and_exact(fp, tr, seq_, ack, tsval, tsecr, ts, window, payload, sack):
+    """The steady state: data and ACKs with or without timestamps and SACK blocks, no
+    message end."""
     tr.tsecr_floor = None
+    opts = packet.timestamp_option(tsval, tsecr) if ts else b""
+    blocks = [(a, (a + 1448) & 0xFFFFFFFF) for a in sack[:3 if ts else 4]]
+    if blocks:
+        opts += packet.sack_option(blocks)
     pkt = packet.build(CLIENT, LISTEN, 40004, 8080, seq_, ack, ACK | PSH, window=window,
-                       options=packet.timestamp_option(tsval, tsecr) if ts else b"", payload=payload)
+                       options=opts, payload=payload)
     key = bytes(pkt[12:24])
     fp.put(key, fastpath.flow_value(tr, end_seq=None, ack_watch=None, ifindex=0))
     before = _fast_packets(fp)

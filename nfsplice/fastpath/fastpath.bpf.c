@@ -12,7 +12,7 @@
  * where the rules queue it to the engine ("punt"):
  *
  *   SYN, FIN, RST or URG, or no ACK       state changes: the engine must see them
- *   options other than none or NOP,NOP,TS SACK blocks, anything odd
+ *   options other than Linux's usual layouts of TS and SACK
  *   payload past the direction's end     a message end (HTTP body) is cut by the engine
  *   an ACK reaching the watched sequence the other direction's message end or FIN is
  *                                        acknowledged: the engine decides what follows
@@ -113,7 +113,7 @@ int nfsplice_fast(struct __sk_buff *skb)
 
 	if (skb->protocol != bpf_htons(ETH_P_IP))
 		return TC_ACT_UNSPEC;
-	__u32 want = skb->len < TCP_OFF + 32 ? skb->len : TCP_OFF + 32;
+	__u32 want = skb->len < TCP_OFF + 60 ? skb->len : TCP_OFF + 60;
 	if (data + want > data_end) {
 		/* Headers not all in the linear part: pull them in. */
 		if (bpf_skb_pull_data(skb, want))
@@ -144,16 +144,39 @@ int nfsplice_fast(struct __sk_buff *skb)
 	__u8 flags = tcpb[13];
 	if ((flags & (0x01 | 0x02 | 0x04 | 0x20)) || !(flags & 0x10))   /* FIN SYN RST URG; ACK */
 		return punt(skb, f, P_FLAGS);
+	/* Options: none, or the layouts Linux sends: NOP,NOP,TS; NOP,NOP,TS,NOP,NOP,SACK;
+	 * NOP,NOP,SACK (1-4 blocks).  Anything else is the engine's. */
 	__u32 doff = th->doff * 4;
 	int has_ts = 0;
-	if (doff == 32) {
-		if (data + TCP_OFF + 32 > data_end)
+	__u32 sack_at = 0, edges = 0;    /* offset of the first SACK edge in the header */
+	if (doff > 20) {
+		if (data + TCP_OFF + doff > data_end || data + TCP_OFF + 24 > data_end)
 			return punt(skb, f, P_SHAPE);
-		if (tcpb[20] != 1 || tcpb[21] != 1 || tcpb[22] != 8 || tcpb[23] != 10)
+		if (tcpb[20] != 1 || tcpb[21] != 1)
 			return punt(skb, f, P_OPTIONS);
-		has_ts = 1;
-	} else if (doff != 20) {
-		return punt(skb, f, P_OPTIONS);
+		if (tcpb[22] == 8 && tcpb[23] == 10) {
+			if (data + TCP_OFF + 32 > data_end)
+				return punt(skb, f, P_SHAPE);
+			has_ts = 1;
+			if (doff > 32) {
+				if (data + TCP_OFF + 36 > data_end)
+					return punt(skb, f, P_SHAPE);
+				if (tcpb[32] != 1 || tcpb[33] != 1 || tcpb[34] != 5 || tcpb[35] != doff - 34)
+					return punt(skb, f, P_OPTIONS);
+				sack_at = 36;
+			}
+		} else if (tcpb[22] == 5 && tcpb[23] == doff - 22) {
+			sack_at = 24;
+		} else {
+			return punt(skb, f, P_OPTIONS);
+		}
+		if (sack_at) {
+			if ((doff - sack_at) % 8 || doff - sack_at > 32)
+				return punt(skb, f, P_OPTIONS);
+			edges = (doff - sack_at) / 4;
+		} else if (doff != 32) {
+			return punt(skb, f, P_OPTIONS);
+		}
 	}
 	__u32 tot = bpf_ntohs(ip->tot_len);
 	if (tot < 20 + doff)
@@ -172,7 +195,7 @@ int nfsplice_fast(struct __sk_buff *skb)
 
 	/* The TCP header words that change (ports, seq, ack, doff/flags/window, TSval,
 	 * TSecr), old and new, for one checksum difference. */
-	__u32 old[6], new[6];
+	__u32 old[14] = {}, new[14] = {};
 	old[0] = *(__u32 *)&th->source;
 	old[1] = th->seq;
 	old[2] = th->ack_seq;
@@ -204,6 +227,17 @@ int nfsplice_fast(struct __sk_buff *skb)
 		new[4] = bpf_htonl(bpf_ntohl(old[4]) + f->tsval_delta);
 		new[5] = bpf_htonl(tsecr);
 	}
+	/* SACK edges are acknowledgement space: + ack_delta, like the ack itself. */
+	__u32 *edge = (void *)tcpb + sack_at;
+#pragma unroll
+	for (int i = 0; i < 8; i++) {
+		if (i >= edges)
+			break;
+		if ((void *)(edge + i + 1) > data_end)
+			return punt(skb, f, P_SHAPE);
+		old[6 + i] = edge[i];
+		new[6 + i] = bpf_htonl(bpf_ntohl(edge[i]) + f->ack_delta);
+	}
 	__u32 old_addr[2] = {ip->saddr, ip->daddr};
 	__u32 new_addr[2] = {f->saddr, f->daddr};
 
@@ -215,7 +249,7 @@ int nfsplice_fast(struct __sk_buff *skb)
 		f->next_seq = nxt;
 
 	__s64 d_addr = bpf_csum_diff(old_addr, 8, new_addr, 8, 0);
-	__s64 d_tcp = bpf_csum_diff(old, 24, new, 24, 0);
+	__s64 d_tcp = bpf_csum_diff(old, sizeof(old), new, sizeof(new), 0);
 	if (d_addr < 0 || d_tcp < 0)
 		return punt(skb, f, P_SHAPE);
 	bpf_l3_csum_replace(skb, IP_CSUM_OFF, 0, d_addr, 0);
@@ -225,6 +259,12 @@ int nfsplice_fast(struct __sk_buff *skb)
 	bpf_skb_store_bytes(skb, TCP_OFF, new, 16, 0);
 	if (has_ts)
 		bpf_skb_store_bytes(skb, TCP_OFF + 24, &new[4], 8, 0);
+#pragma unroll
+	for (int i = 0; i < 8; i++) {
+		if (i >= edges)
+			break;
+		bpf_skb_store_bytes(skb, TCP_OFF + sack_at + 4 * i, &new[6 + i], 4, 0);
+	}
 	count(S_FAST_PACKETS, 1);
 	count(S_FAST_BYTES, plen);
 	if (f->ifindex) {
