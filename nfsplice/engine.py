@@ -126,6 +126,7 @@ class Pair:
     resuming: bool = False             # ... and is doing so: every packet is held meanwhile
     spliced_at: float = 0.0
     progress_at: float = 0.0           # when a direction last carried a new byte (or the splice)
+    ts_pending: list = field(default_factory=lambda: [False, False])  # TSval offset still unknown
     # The fast path (fastpath/): what its flows were last written with (None: no flows),
     # and per direction the program's (packets, bytes) already counted here.
     fast_sig: tuple | None = None
@@ -306,6 +307,17 @@ class Engine:
     def _forward(self, pair: Pair, d: int, v: TCPView, csum_partial: bool) -> TCPView:
         """Rewrite V for the other connection; returns the view rewritten (a shorter one
         when bytes past the direction's message end were cut off)."""
+        if pair.ts_pending[d]:
+            self._learn_tsval(pair, d, v)
+        if pair.ts_pending[1 - d] and v.doff > 20:
+            # The TSecr echoes a TSval of the proxy's socket, which cannot be put into
+            # the receiver's clock before the other side's offset is known: 0, "no
+            # echo" (no RTT sample from it).  Summed in full: the buffer changed.
+            o = v.options().get(packet.OPT_TIMESTAMP)
+            if o is not None:
+                struct.pack_into("!I", v.buf, o + 6, 0)
+                csum_partial = True
+                self.counters["tsecr_zeroed"] += 1
         tr: Translation = pair.tr[d]
         end = pair.end_seq[d]
         if end is not None:
@@ -368,6 +380,23 @@ class Engine:
         c[_BYTE_NAMES[d]] += plen
         return v
 
+    def _learn_tsval(self, pair: Pair, d: int, v: TCPView) -> None:
+        """The first timestamped packet from side D after the splice: its TSval goes on
+        one past the last TSval the receiver saw from the proxy's socket (the frozen
+        one we pose as, silent since it was frozen), the other direction's TSecr is
+        translated back with the same offset and floored at this TSval."""
+        tsv = _tsval(v)
+        if tsv is None:
+            return
+        goes = pair.frozen[1] if d == C2S else pair.frozen[0]
+        delta = seq.diff(seq.add(goes.ts_now, 1), tsv)
+        pair.tr[d].tsval_delta = delta
+        pair.tr[1 - d].tsecr_delta = -delta
+        pair.tr[1 - d].tsecr_floor = tsv
+        pair.tsval[d] = tsv
+        pair.ts_pending[d] = False
+        self.counters["pairs.tsval_learnt_late"] += 1
+
     def _cut_at_end(self, pair: Pair, d: int, v: TCPView, over: int) -> TCPView:
         """Nothing past a direction's message end is forwarded (an HTTP body spliced with
         its exact length): the payload beyond it is cut off and a FIN that would follow
@@ -409,7 +438,7 @@ class Engine:
         payload) are not."""
         if not self.fast or pair.state == State.DONE:
             return None
-        if pair.state != State.SPLICED or pair.resuming or pair.reset \
+        if pair.state != State.SPLICED or pair.resuming or pair.reset or any(pair.ts_pending) \
                 or pair.overrun or pair.message_done is not None or pair.held \
                 or pair.fin_seq[C2S] is not None or pair.fin_seq[S2C] is not None \
                 or pair.tap[C2S] is not None or pair.tap[S2C] is not None:
@@ -529,9 +558,12 @@ class Engine:
         ts_on = a.timestamps and b.timestamps
         if a.timestamps != b.timestamps:
             self.counters["pairs.timestamps_mismatch"] += 1
-        # S2C: origin -> client, re-sent as if from the proxy's socket A.
-        s2c_ts = seq.diff(seq.add(a.ts_now, 1), pair.tsval[S2C] or 0) if ts_on else 0
-        c2s_ts = seq.diff(seq.add(b.ts_now, 1), pair.tsval[C2S] or 0) if ts_on else 0
+        # S2C: origin -> client, re-sent as if from the proxy's socket A.  A side whose
+        # current TSval the engine has not seen (its packets were not queued before the
+        # hand-off) gets its offset from its first packet after the splice (ts_pending).
+        pair.ts_pending = [ts_on and pair.tsval[d] is None for d in (C2S, S2C)]
+        s2c_ts = seq.diff(seq.add(a.ts_now, 1), pair.tsval[S2C]) if ts_on and not pair.ts_pending[S2C] else 0
+        c2s_ts = seq.diff(seq.add(b.ts_now, 1), pair.tsval[C2S]) if ts_on and not pair.ts_pending[C2S] else 0
         pair.tr[C2S] = _translation(pair.proxy_b, pair.server, a, b, c2s_ts, s2c_ts,
                                     pair.tsval[S2C] if ts_on else None)
         pair.tr[S2C] = _translation(pair.proxy_a, pair.client, b, a, s2c_ts, c2s_ts,

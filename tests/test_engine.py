@@ -278,3 +278,29 @@ def test_inactivity_resets_a_pair_whose_bytes_stopped():
     assert stuck.reset and not moving.reset
     rsts = [IP(bytes(p)) for p in eng.injected]
     assert {(r.dst, r[TCP].flags.R) for r in rsts} == {("198.18.1.2", 1), ("198.18.2.2", 1)}
+
+
+def test_tsvals_learnt_from_the_first_packets_after_the_splice():
+    """When only marked packets are queued, the engine may not have seen either side's
+    TSval before the hand-off.  Each side's offset then comes from its first packet
+    after the splice (one past what the receiver saw from the frozen socket), and until
+    the other side's is known a TSecr cannot be translated: it goes out as 0."""
+    eng = Engine()
+    eng.fast = True
+    a = SocketState(snd_seq=1000, rcv_seq=5000, timestamps=True, ts_now=777_000)
+    b = SocketState(snd_seq=90000, rcv_seq=70000, timestamps=True, ts_now=3_000_000_000)
+    pair = eng.register(Pair(Endpoint(CLIENT, 40000), Endpoint(PA, 8080), Endpoint(PB, 61000),
+                             Endpoint(SERVER, 8000)), now=0.0)
+    eng.splice(pair, a, b)
+    assert _ops(eng)[-1] == (pair.id, "queue")
+    ts = lambda v, e: P.timestamp_option(v, e)  # noqa: E731
+    pkt = P.build(CLIENT, PA, 40000, 8080, 5000, 1000, P.ACK, options=ts(42, 776_990), payload=b"hi")
+    _d, out = run(eng, pkt)
+    assert valid(out)[TCP].options[2][1] == (3_000_000_001, 0)
+    pkt = P.build(SERVER, PB, 8000, 61000, 70000, 90002, P.ACK, options=ts(9_000, 3_000_000_001))
+    _d, out = run(eng, pkt)
+    assert valid(out)[TCP].options[2][1] == (777_001, 42)      # TSecr back in the client's clock
+    assert _ops(eng)[-1] == (pair.id, ((None, None), (None, None)))   # now the program can take it
+    pkt = P.build(CLIENT, PA, 40000, 8080, 5002, 1000, P.ACK, options=ts(50, 777_001))
+    _d, out = run(eng, pkt)
+    assert valid(out)[TCP].options[2][1] == (3_000_000_009, 9_000)
