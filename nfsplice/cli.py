@@ -37,14 +37,23 @@ def hostport(value: str, option: str) -> tuple[str, int]:
     return str(ip), p
 
 
-def port_range(value: str) -> tuple[int, int]:
+def port_range(value: str, option: str = "--ports") -> tuple[int, int]:
     try:
         lo, hi = (int(x) for x in value.split("-", 1))
     except ValueError:
-        raise UsageError(f"--ports: expected LOW-HIGH, got {value!r}") from None
+        raise UsageError(f"{option}: expected LOW-HIGH, got {value!r}") from None
     if not (1024 <= lo <= hi < 65536):
-        raise UsageError(f"--ports: {value} is not a range within 1024-65535")
+        raise UsageError(f"{option}: {value} is not a range within 1024-65535")
     return lo, hi
+
+
+def size(value: str) -> int:
+    """argparse type of byte counts: 65536, 64KiB, 1MiB."""
+    from .config import parse_size
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,20 +66,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--upstream", required=True, help="ADDRESS:PORT of the origin")
     _engine_options(t)
 
-    h = sub.add_parser("http", help="HTTP/1.1 reverse (--upstream) or forward proxy; large bodies spliced")
-    h.add_argument("--listen", required=True, help="ADDRESS:PORT to accept clients on")
+    h = sub.add_parser("http", help="HTTP/1.1 reverse (--upstream) or forward proxy; large bodies spliced",
+                       description="With --config FILE the listeners come from the file (see "
+                       "nfsplice/config.py); the other options here are then defaults for every listener.")
+    h.add_argument("--listen", help="ADDRESS:PORT to accept clients on (or --config)")
     h.add_argument("--upstream", help="http://ADDRESS:PORT of the origin (reverse proxy); "
                    "without it a forward proxy (absolute-form targets and CONNECT)")
+    h.add_argument("--config", metavar="FILE", help="TOML file of listeners, each with its own upstreams "
+                   "and settings; not with --listen or --upstream")
     h.add_argument("--no-splice", action="store_true", help="copy every byte (the baseline); no rules, no root")
-    h.add_argument("--splice-threshold", type=int, default=64 * 1024,
-                   help="splice response bodies of at least this many bytes [%(default)s]")
+    h.add_argument("--splice-threshold", type=size, default="64KiB",
+                   help="splice response bodies of at least this many bytes (65536, 64KiB, 1MiB) [%(default)s]")
     h.add_argument("--connect-ports", default="443", help="ports CONNECT may reach [%(default)s]")
     h.add_argument("--access-log", default="-", help="file, - (stderr) or off [%(default)s]")
     h.add_argument("--header-timeout", type=float, default=10.0, help="request head within [%(default)s] s")
     h.add_argument("--keepalive-timeout", type=float, default=60.0, help="idle client connection [%(default)s] s")
     h.add_argument("--connect-timeout", type=float, default=5.0, help="upstream connect [%(default)s] s")
     h.add_argument("--response-timeout", type=float, default=60.0, help="upstream response [%(default)s] s")
-    h.add_argument("--max-header-bytes", type=int, default=32 * 1024)
+    h.add_argument("--max-header-bytes", type=size, default="32KiB", help="[%(default)s]")
+    h.add_argument("--pool-size", type=int, default=32,
+                   help="idle upstream connections kept per upstream address [%(default)s]")
+    h.add_argument("--pool-idle-timeout", type=float, default=30.0,
+                   help="close an idle pooled upstream connection after [%(default)s] s "
+                   "(keep it below the origins' own keep-alive timeout)")
+    h.add_argument("--down-time", type=float, default=10.0,
+                   help="an upstream that refused or timed out on connect is skipped for [%(default)s] s")
     _engine_options(h)
 
     sub.add_parser("probe", help="which kernel features are there and what is missing")
@@ -99,6 +119,9 @@ def _engine_options(t) -> None:
     t.add_argument("--fail-open", action="store_true",
                    help="accept packets when the queue is full or nfsplice is gone, instead of dropping")
     t.add_argument("--tap-dir", help="store every spliced payload here (TCP Tap)")
+    t.add_argument("--fastpath", choices=("auto", "on", "off"), default="auto",
+                   help="forward spliced pairs' plain data and ACKs in a tc-BPF program; auto: "
+                   "when clang, bpftool and tc are there, else say why and use the queue only [%(default)s]")
     t.add_argument("--linger", type=float, default=2.0, help="seconds a closed pair is kept [%(default)s]")
     t.add_argument("--idle-timeout", type=float, default=300.0, help="forget idle pairs after [%(default)s] s")
     t.add_argument("--handoff-timeout", type=float, default=5.0)
@@ -162,11 +185,16 @@ def cmd_stats(args) -> int:
 
 
 def cmd_cleanup(args) -> int:
-    from . import rules
+    from . import fastpath, rules
     removed = rules.cleanup(all_instances=args.all)
     for ent in removed:
         print(f"removed {ent['chain']} (instance {ent.get('instance')}, pid {ent.get('pid')})")
     left = [e for e in rules.installed_instances()]
+    # Fast path filters of any instance that is not running any more (their rules are
+    # gone, or never got installed because it died starting).
+    keep = {fastpath.tc_priority(e["instance"]) for e in left if e.get("instance")}
+    for what in fastpath.cleanup(keep_prefs=keep):
+        print(f"removed {what}")
     for ent in left:
         print(f"kept {ent['chain']} of running instance {ent.get('instance')} (pid {ent.get('pid')}); --all removes it")
     if not removed and not left:

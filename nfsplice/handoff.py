@@ -15,7 +15,7 @@ import select
 import socket
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .engine import SocketState
 
@@ -51,16 +51,19 @@ class Drained:
     finished: list      # directions whose FIN was passed on (shutdown of the other side)
     limits: list        # what is left of each direction's limit (None: unlimited)
     dropped: int = 0    # bytes past a limit, read and thrown away
+    kept: list = field(default_factory=lambda: [bytearray(), bytearray()])   # ... or kept (KEEP)
 
 
 def drain(csock: socket.socket, usock: socket.socket, timeout: float, *, limits=(None, None),
-          on_data=None) -> Drained:
+          keep=(False, False), on_data=None) -> Drained:
     """Move what already reached the two sockets across, until both are quiescent.
 
     Called after the pair was registered (so nothing new arrives); returns once neither
     socket holds unread bytes and both send queues are acknowledged, which `freeze`
     needs.  A direction with a limit forwards at most that many more bytes; the rest is
-    read and dropped (it is past the message being spliced).  ON_DATA(direction, offset,
+    read and dropped (it is past the message being spliced), or, for a direction KEEP
+    says, returned in `kept` (a client's pipelined requests, for the proxy to answer
+    after the spliced message).  ON_DATA(direction, offset,
     bytes) sees every byte moved (the tap).  Raises HandoffError on a reset or when the
     sockets are not quiescent within TIMEOUT seconds."""
     out = Drained([0, 0], [False, False], list(limits))
@@ -87,7 +90,10 @@ def drain(csock: socket.socket, usock: socket.socket, timeout: float, *, limits=
             left = out.limits[d]
             if left is not None:
                 if len(data) > left:
-                    out.dropped += len(data) - left
+                    if keep[d]:
+                        out.kept[d] += data[left:]
+                    else:
+                        out.dropped += len(data) - left
                     data = data[:left]
                 out.limits[d] = left - len(data)
             if not data:

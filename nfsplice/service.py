@@ -12,7 +12,7 @@ import threading
 
 from . import rules
 from .cli import UsageError, hostport, port_range
-from .engine import Engine
+from .engine import QUEUE_MARK, Engine
 from .queue import QueueError, open_backend
 from .runner import Runner
 
@@ -96,46 +96,85 @@ def run_tcp(args) -> int:
                               handoff_timeout=args.handoff_timeout, max_connections=args.max_connections)
 
     what = f"splicing {listen[0]}:{listen[1]} -> {upstream[0]}:{upstream[1]}"
-    return _serve(args, instance, listen, upstream[0], ruleset, make_proxy, what)
+    return _serve(args, instance, f"--listen {listen[0]}:{listen[1]}", needed_sysctls(listen[0], upstream[0]),
+                  lambda _only_mark: [ruleset], make_proxy, what)
 
 
 def run_http(args) -> int:
-    from .proxy.http import HTTPProxy, Settings, Timeouts
+    """One process for every listener (one with --listen, those of --config FILE):
+    one engine and runner, one rule set per splicing listener."""
+    from dataclasses import replace
+    from . import config
+    from .proxy.http import HTTPService
+    defaults = _http_defaults(args)
+    if args.config:
+        if args.listen or args.upstream:
+            raise UsageError("--listen and --upstream do not go with --config: the file lists the listeners")
+        listeners = config.load(args.config, defaults)
+        label = f"--config {args.config}"
+    else:
+        if not args.listen:
+            raise UsageError("http needs --listen ADDRESS:PORT (or --config FILE)")
+        upstreams = (config.upstream_url(args.upstream, "--upstream"),) if args.upstream else ()
+        listeners = [replace(defaults, listen=hostport(args.listen, "--listen"), upstreams=upstreams)]
+        label = "--listen"
+    first = listeners[0].listen
+    instance = args.instance or f"{first[0]}_{first[1]}"
+    _access_log(args.access_log)
+    what = "; ".join(_describe(s) for s in listeners)
+    if not any(s.splice for s in listeners):
+        # The baseline: the same proxy copying every byte, no rules, no engine.
+        return _serve_plain(args, HTTPService(listeners), label, what)
+    _need_root("http")
+    need: dict[str, str] = {}
+    for s in listeners:
+        for up in s.upstreams or [None]:
+            need.update(needed_sysctls(s.listen[0], up[0] if up else None))
+
+    def make_rules(only_mark: int | None) -> list:
+        # One rule set per splicing listener; the first carries the instance's own name.
+        # With the fast path, only packets of pairs the engine handles are queued.
+        rulesets = []
+        for s in listeners:
+            if s.splice:
+                name = instance if not rulesets else f"{instance}@{s.listen[0]}:{s.listen[1]}"
+                rulesets.append(rules.tcp_rules(name, listen_ip=s.listen[0], listen_port=s.listen[1],
+                                                upstream_ip="0.0.0.0", upstream_port=0, ports=s.ports,
+                                                queue=args.queue, bypass=args.fail_open, queues=args.queues,
+                                                template="http.rules", only_mark=only_mark))
+        return rulesets
+    return _serve(args, instance, label, need, make_rules, lambda runner: HTTPService(listeners, runner), what)
+
+
+def _http_defaults(args):
+    """The command line's per-listener settings: the only listener's, or with --config
+    the defaults of every listener."""
+    from .proxy.http import Settings, Timeouts
     from .proxy import http1
-    listen = hostport(args.listen, "--listen")
-    upstream = None
-    if args.upstream:
-        url = args.upstream
-        if not url.startswith("http://"):
-            raise UsageError(f"--upstream: expected http://ADDRESS:PORT, got {url!r}")
-        upstream = hostport(url[len("http://"):].rstrip("/"), "--upstream")
-    ports = port_range(args.ports)
     try:
         connect_ports = frozenset(int(p) for p in args.connect_ports.split(","))
     except ValueError:
         raise UsageError(f"--connect-ports: expected PORT[,PORT...], got {args.connect_ports!r}") from None
-    if args.splice_threshold < 0:
-        raise UsageError("--splice-threshold must be 0 or more bytes")
-    settings = Settings(listen=listen, upstream=upstream, splice=not args.no_splice,
-                        threshold=args.splice_threshold, connect_ports=connect_ports,
-                        limits=http1.Limits(max_head_bytes=args.max_header_bytes),
-                        timeouts=Timeouts(header=args.header_timeout, idle=args.keepalive_timeout,
-                                          connect=args.connect_timeout, response=args.response_timeout),
-                        max_connections=args.max_connections, source=args.source, ports=ports)
-    instance = args.instance or f"{listen[0]}_{listen[1]}"
-    _access_log(args.access_log)
-    mode = "reverse proxy for " + args.upstream if upstream else "forward proxy"
-    if args.no_splice:
-        # The baseline: the same proxy copying every byte, no rules, no engine.
-        proxy = HTTPProxy(settings)
-        return _serve_plain(args, proxy, f"HTTP {mode} on {listen[0]}:{listen[1]}, copying (--no-splice)")
-    _need_root("http")
-    ruleset = rules.tcp_rules(instance, listen_ip=listen[0], listen_port=listen[1], upstream_ip="0.0.0.0",
-                              upstream_port=0, ports=ports, queue=args.queue, bypass=args.fail_open,
-                              queues=args.queues, template="http.rules")
-    what = f"HTTP {mode} on {listen[0]}:{listen[1]}, splicing bodies of {args.splice_threshold}+ bytes"
-    return _serve(args, instance, listen, upstream[0] if upstream else None, ruleset,
-                  lambda runner: HTTPProxy(settings, runner), what)
+    if args.pool_size < 0 or args.down_time < 0:
+        raise UsageError("--pool-size and --down-time must be 0 or more")
+    if args.pool_idle_timeout <= 0:
+        raise UsageError("--pool-idle-timeout must be more than 0 seconds")
+    if args.max_header_bytes < 1:
+        raise UsageError("--max-header-bytes must be 1 or more")
+    return Settings(splice=not args.no_splice, threshold=args.splice_threshold, connect_ports=connect_ports,
+                    limits=http1.Limits(max_head_bytes=args.max_header_bytes),
+                    timeouts=Timeouts(header=args.header_timeout, idle=args.keepalive_timeout,
+                                      connect=args.connect_timeout, response=args.response_timeout,
+                                      pool_idle=args.pool_idle_timeout),
+                    max_connections=args.max_connections, source=args.source, ports=port_range(args.ports),
+                    pool_size=args.pool_size, down_time=args.down_time)
+
+
+def _describe(s) -> str:
+    mode = ("reverse proxy for " + ", ".join(f"http://{a}:{p}" for a, p in s.upstreams) if s.upstreams
+            else "forward proxy")
+    how = f"splicing bodies of {s.threshold}+ bytes" if s.splice else "copying"
+    return f"HTTP {mode} on {s.listen[0]}:{s.listen[1]}, {how}"
 
 
 def _need_root(cmd: str) -> None:
@@ -171,14 +210,14 @@ def _ready(args) -> None:
             f.write(f"{os.getpid()}\n")
 
 
-def _serve_plain(args, proxy, what: str) -> int:
+def _serve_plain(args, proxy, listen: str, what: str) -> int:
     stop = threading.Event()
     old_handlers = _signals(stop)
     try:
         try:
             proxy.open()
         except OSError as e:
-            raise UsageError(f"--listen {args.listen}: {e.strerror}") from None
+            raise UsageError(f"{listen}: {e.strerror}") from None
         log.info("%s", what)
         _ready(args)
         proxy.serve(stop)
@@ -190,9 +229,11 @@ def _serve_plain(args, proxy, what: str) -> int:
     return 0
 
 
-def _serve(args, instance: str, listen, upstream_ip: str | None, ruleset, make_proxy, what: str) -> int:
-    """Queue, engine, rules and a proxy; everything taken down again on any exit."""
-    old_sysctls = check_sysctls(needed_sysctls(listen[0], upstream_ip), args.set_sysctls)
+def _serve(args, instance: str, listen: str, need: dict[str, str], make_rules, make_proxy, what: str) -> int:
+    """Queue, engine, rules and a proxy; everything taken down again on any exit.
+    LISTEN names the listen option in errors; NEED are the sysctls splicing needs;
+    MAKE_RULES(only_mark) the rule sets (ONLY_MARK: the fast path marks what to queue)."""
+    old_sysctls = check_sysctls(need, args.set_sysctls)
     tap = None
     if args.tap_dir:
         from .tap import TapStore
@@ -220,16 +261,23 @@ def _serve(args, instance: str, listen, upstream_ip: str | None, ruleset, make_p
     proxy = make_proxy(runner)
     stop = threading.Event()
     old_handlers = _signals(stop)
+    rulesets = []
     try:
+        runner.fastpath = _open_fastpath(args, instance)
+        engine.fast = runner.fastpath is not None
+        rulesets = make_rules(QUEUE_MARK if engine.fast else None)
         runner.start()
-        ruleset.install()
+        for ruleset in rulesets:
+            ruleset.install()
         try:
             proxy.open()
         except OSError as e:
-            raise UsageError(f"--listen {listen[0]}:{listen[1]}: {e.strerror}") from None
-        log.info("%s (queue %s, %s backend%s%s)", what,
+            raise UsageError(f"{listen}: {e.strerror}") from None
+        fp = runner.fastpath
+        log.info("%s (queue %s, %s backend%s%s%s)", what,
                  "-".join(str(args.queue + i) for i in range(args.queues)),
                  backend.name, ", GSO" if getattr(backend, "gso", False) else "",
+                 f", fast path on {','.join(fp.attached)}" if fp else "",
                  f", tap in {args.tap_dir}" if tap else "")
         _ready(args)
         proxy.serve(stop)
@@ -237,7 +285,8 @@ def _serve(args, instance: str, listen, upstream_ip: str | None, ruleset, make_p
         raise UsageError(f"installing rules: {e}") from None
     finally:
         proxy.close()
-        ruleset.remove()
+        for ruleset in rulesets:
+            ruleset.remove()
         runner.shutdown()
         # Spliced pairs still open lose their path now; their frozen sockets are closed
         # silently like at a normal end, so the kernel sends nothing for them.
@@ -246,6 +295,9 @@ def _serve(args, instance: str, listen, upstream_ip: str | None, ruleset, make_p
             for pair in pairs:
                 engine._forget(pair, "shutdown")
             engine.forgotten = []
+            if runner.fastpath is not None:
+                runner._apply_fast()
+                runner.fastpath.close()
         for pair in pairs:
             proxy.forget(pair)
         for b in backends:
@@ -261,10 +313,25 @@ def _serve(args, instance: str, listen, upstream_ip: str | None, ruleset, make_p
     return 0
 
 
+def _open_fastpath(args, instance: str):
+    """The fast path as --fastpath asks: None when off (or unavailable with auto)."""
+    mode = getattr(args, "fastpath", "off")
+    if mode == "off":
+        return None
+    from .fastpath import FastPath, FastPathError
+    try:
+        return FastPath(instance)
+    except FastPathError as e:
+        if mode == "on":
+            raise UsageError(f"--fastpath on: {e}") from None
+        log.warning("fast path off: %s", e)
+        return None
+
+
 def summary_line(st: dict) -> str:
     keys = ["pairs.spliced", "pairs.done.closed", "pairs.done.reset", "packets.c2s", "bytes.c2s",
             "packets.s2c", "bytes.s2c", "held", "dropped.proxy_socket", "dropped.truncated",
-            "queue.enobufs", "tap.bytes", "unknown_flow"]
+            "queue.enobufs", "tap.bytes", "unknown_flow", "fastpath.fast_packets"]
     fallbacks = sum(v for k, v in st.items() if k.startswith("pairs.fallback."))
     malformed = sum(v for k, v in st.items() if k.startswith("malformed."))
     parts = [f"{k}={st.get(k, 0)}" for k in keys]

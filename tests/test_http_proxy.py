@@ -28,13 +28,16 @@ PROXY = "198.18.1.1"
 
 
 class HTTPProxyProc:
-    def __init__(self, lab, port: int, *args: str, instance: str):
+    """`nfsplice http` in the proxy namespace; PORT None: the listeners come from --config."""
+
+    def __init__(self, lab, port: int | None, *args: str, instance: str):
         self.lab, self.port, self.instance = lab, port, instance
         self.dir = tempfile.mkdtemp(prefix=f"nfsplice-{instance}-")
         self.access = os.path.join(self.dir, "access.log")
         ready = os.path.join(self.dir, "ready")
         self.log = open(os.path.join(self.dir, "stderr.log"), "w")
-        argv = [sys.executable, "-m", "nfsplice", "http", "--listen", f"{PROXY}:{port}", "--instance", instance,
+        listen = ["--listen", f"{PROXY}:{port}"] if port is not None else []
+        argv = [sys.executable, "-m", "nfsplice", "http", *listen, "--instance", instance,
                 "--ready-file", ready, "--access-log", self.access, "--linger", "1", *args]
         self.proc = lab.popen(lab.proxy, *argv, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
@@ -159,7 +162,8 @@ def test_keepalive_survives_spliced_bodies(env):
         off += n + 1
     assert counts == [b"1", b"0", b"0", b"0", b"0"], counts      # one connection for all
     conns = {(q["conn"]) for q in so.requests()}
-    assert len(conns) == 1 and [q["seq"] for q in so.requests()] == [1, 2, 3, 4, 5]
+    seqs = [q["seq"] for q in so.requests()]     # (a pooled connection has served others before)
+    assert len(conns) == 1 and seqs == list(range(seqs[0], seqs[0] + 5)), so.requests()
     for p in ("/len/2000000", "/len/1048576", "/len/3000000"):
         assert " spliced " in procs[SPLICED].access_line(f" GET {p} ")
 
@@ -347,7 +351,9 @@ def test_nothing_left_after_requests(env):
 @pytest.mark.parametrize("port", [SPLICED, COPIED])
 def test_pipelined_requests_answered_in_order(env, port):
     lab, so, _ngx, _procs = env
-    paths = ["/len/10", "/chunked/5000/999", "/len/3000", "/len/1"]
+    # Two bodies above the splice threshold: the requests behind each were read with
+    # it (or reached the socket during the hand-off) and must be answered after it.
+    paths = ["/len/10", "/len/300000", "/chunked/5000/999", "/len/3000", "/len/200000", "/len/1"]
     req = b"".join(f"GET {p} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for p in paths)
     res = raw_exchange(lab, [req, ("recv", 1)], addr=PROXY, port=port, idle=1.5)
     pos = 0
@@ -395,3 +401,217 @@ def test_slowloris_does_not_stop_a_normal_client(env):
     finally:
         slow.kill()
         slow.wait()
+
+
+# -- several listeners from a config file, upstream groups, the connection pool -------------
+ORIGIN_A, ORIGIN_B, DEAD_1, DEAD_2 = 8001, 8002, 8009, 8008
+ONE_A, ONE_B, ROUND_ROBIN, ONE_DEAD, ALL_DEAD = 8080, 8090, 8100, 8110, 8120
+ORIGIN = "198.18.2.2"
+STATS = "/run/nfsplice/cfg-multi.json"
+
+MULTI_CONFIG = f"""\
+# One process, five listeners (tests/test_http_proxy.py)
+[[listener]]
+listen = "{PROXY}:{ONE_A}"
+upstreams = ["http://{ORIGIN}:{ORIGIN_A}"]
+ports = "61000-61399"
+
+[[listener]]
+listen = "{PROXY}:{ONE_B}"
+upstreams = ["http://{ORIGIN}:{ORIGIN_B}"]
+ports = "61400-61799"
+timeouts.pool_idle = 1
+
+[[listener]]
+listen = "{PROXY}:{ROUND_ROBIN}"
+upstreams = ["http://{ORIGIN}:{ORIGIN_A}", "http://{ORIGIN}:{ORIGIN_B}"]
+ports = "61800-62199"
+
+[[listener]]
+listen = "{PROXY}:{ONE_DEAD}"
+upstreams = ["http://{ORIGIN}:{DEAD_1}", "http://{ORIGIN}:{ORIGIN_A}"]
+ports = "62200-62599"
+down_time = 60
+
+[[listener]]
+listen = "{PROXY}:{ALL_DEAD}"
+upstreams = ["http://{ORIGIN}:{DEAD_1}", "http://{ORIGIN}:{DEAD_2}"]
+ports = "62600-62999"
+splice = false
+"""
+
+
+@pytest.fixture(scope="module")
+def multi():
+    """Two scripted origins; one nfsplice process serving the five listeners of MULTI_CONFIG."""
+    with Lab("cfg") as lab, ScriptedOrigin(lab, port=ORIGIN_A) as a, ScriptedOrigin(lab, port=ORIGIN_B) as b:
+        d = tempfile.mkdtemp(prefix="nfsplice-cfg-")
+        path = os.path.join(d, "nfsplice.toml")
+        with open(path, "w") as f:
+            f.write(MULTI_CONFIG)
+        if os.path.exists(STATS):          # a previous run's counters are not ours
+            os.unlink(STATS)
+        proc = HTTPProxyProc(lab, None, "--config", path, "--queue", "0", instance="cfg-multi")
+        try:
+            yield lab, a, b, proc
+        finally:
+            assert proc.stop() == 0, proc.text()
+            assert "NFSPLICE" not in raw_rules(lab)
+
+
+def stats(newer_than: float = 0.0) -> dict:
+    """The counters of the config-file instance, written after NEWER_THAN (time.time())."""
+    import json
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with open(STATS) as f:
+                st = json.load(f)
+        except FileNotFoundError:
+            st = {"time": 0.0}
+        if st["time"] > newer_than or time.monotonic() > deadline:
+            assert st["time"], f"{STATS} never written"
+            return st
+        time.sleep(0.2)
+
+
+def fetch(lab, port: int, path: str) -> bytes:
+    r = curl(lab, "-o", "-", f"http://{PROXY}:{port}{path}")
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_config_rules_one_set_per_splicing_listener(multi):
+    lab, _a, _b, _proc = multi
+    jumps = [l for l in raw_rules(lab).splitlines() if l.startswith("-A PREROUTING") and "NFSPLICE-" in l]
+    names = sorted(l.split("nfsplice:")[1].split()[0] for l in jumps)
+    assert names == ["cfg-multi", f"cfg-multi@{PROXY}:{ONE_B}", f"cfg-multi@{PROXY}:{ROUND_ROBIN}",
+                     f"cfg-multi@{PROXY}:{ONE_DEAD}"], jumps       # not the copying listener's
+
+
+def test_config_two_listeners_each_reach_their_own_origin(multi):
+    lab, a, b, proc = multi
+    assert sha(fetch(lab, ONE_A, "/len/1001")) == expected_sha256("/len/1001")
+    assert sha(fetch(lab, ONE_B, "/len/1002")) == expected_sha256("/len/1002")
+    # Large bodies are spliced on both listeners, each pair given back to its own.
+    assert sha(fetch(lab, ONE_A, "/len/3000001")) == expected_sha256("/len/3000001")
+    assert sha(fetch(lab, ONE_B, "/len/3000002")) == expected_sha256("/len/3000002")
+    got_a = {q["target"] for q in a.requests()}
+    got_b = {q["target"] for q in b.requests()}
+    assert {"/len/1001", "/len/3000001"} <= got_a and not {"/len/1002", "/len/3000002"} & got_a
+    assert {"/len/1002", "/len/3000002"} <= got_b and not {"/len/1001", "/len/3000001"} & got_b
+    for path, origin in (("/len/3000001", ORIGIN_A), ("/len/3000002", ORIGIN_B)):
+        line = proc.access_line(f" GET {path} ")
+        assert " 200 " in line and " spliced " in line and f" upstream={ORIGIN}:{origin} " in line, line
+
+
+def test_config_round_robin_over_two_origins(multi):
+    lab, a, b, proc = multi
+    n = 6
+    args = []
+    for _ in range(n):
+        args += ["-o", "-", f"http://{PROXY}:{ROUND_ROBIN}/len/1100"]
+    r = curl(lab, *args)
+    assert r.returncode == 0 and r.stdout == stream_bytes(1100) * n, r.stderr
+    lines = [l for l in proc.access_lines() if " GET /len/1100 " in l]
+    ups = [l.split(" upstream=")[1].split()[0] for l in lines]
+    assert len(ups) == n and all(x != y for x, y in zip(ups, ups[1:])), ups       # alternating
+    assert set(ups) == {f"{ORIGIN}:{ORIGIN_A}", f"{ORIGIN}:{ORIGIN_B}"}
+    assert [q["target"] for q in a.requests()].count("/len/1100") == n // 2
+    assert [q["target"] for q in b.requests()].count("/len/1100") == n // 2
+
+
+def test_config_refusing_upstream_is_skipped(multi):
+    """Nothing listens on one of the two upstreams: it refuses once, is marked down for
+    down_time (60 s) and skipped; every request is answered by the other."""
+    lab, a, _b, proc = multi
+    before = stats(newer_than=time.time())
+    for i in range(6):
+        assert sha(fetch(lab, ONE_DEAD, f"/len/{1200 + i}")) == expected_sha256(f"/len/{1200 + i}")
+        line = proc.access_line(f" GET /len/{1200 + i} ")
+        assert " 200 " in line and f" upstream={ORIGIN}:{ORIGIN_A} " in line, line
+    after = stats(newer_than=time.time() + 0.1)
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in
+             ("http.upstream_down", "http.upstream_connect_failed", "http.upstream_retries")}
+    assert delta == {"http.upstream_down": 1, "http.upstream_connect_failed": 1,
+                     "http.upstream_retries": 1}, delta
+
+
+def test_config_all_upstreams_down_answers_502(multi):
+    """Both refuse: each is tried once (a failed connect sent nothing), then 502; the
+    next request still tries the one whose down period ends first."""
+    lab, _a, _b, proc = multi
+    for i in range(2):
+        r = curl(lab, "-o", "/dev/null", "-w", "%{http_code}", f"http://{PROXY}:{ALL_DEAD}/len/{1300 + i}")
+        assert r.stdout == b"502", (r.stdout, r.stderr)
+        line = proc.access_line(f" GET /len/{1300 + i} ")
+        assert "Connection refused" in line, line
+    st = stats(newer_than=time.time() + 0.1)
+    assert st["http.status_502"] >= 2
+
+
+def test_config_pool_reuses_one_upstream_connection(multi):
+    """Sequential client connections, one upstream connection: it goes back to the pool
+    after each exchange and the next client takes it."""
+    lab, a, _b, proc = multi
+    before = stats(newer_than=time.time())
+    paths = [f"/len/{1400 + i}" for i in range(5)]
+    for p in paths:
+        assert sha(fetch(lab, ONE_A, p)) == expected_sha256(p)
+        proc.access_line(f" GET {p} ")           # logged once the connection is back in the pool
+    reqs = [q for q in a.requests() if q["target"] in paths]
+    assert len(reqs) == 5 and len({q["conn"] for q in reqs}) == 1, reqs
+    seqs = [q["seq"] for q in reqs]
+    assert seqs == list(range(seqs[0], seqs[0] + 5))
+    after = stats(newer_than=time.time() + 0.1)
+    assert after["http.pool_reused"] - before.get("http.pool_reused", 0) >= 4
+
+
+def test_config_spliced_body_then_pooled_reuse(multi):
+    """A spliced body is resumed (both sockets rebuilt) and its upstream connection goes
+    back to the pool: the next clients' requests, small and spliced, ride on it, and
+    every body is byte-exact."""
+    lab, a, _b, proc = multi
+    paths = ["/len/2000001", "/len/1501", "/len/1048577", "/len/1502", "/len/4000003", "/len/1503"]
+    for p in paths:
+        assert sha(fetch(lab, ONE_A, p)) == expected_sha256(p), p
+        line = proc.access_line(f" GET {p} ")
+        assert " 200 " in line and (" spliced " in line) == (expected_length(p) >= 65536), line
+    reqs = [q for q in a.requests() if q["target"] in paths]
+    assert [q["target"] for q in reqs] == paths
+    assert len({q["conn"] for q in reqs}) == 1, reqs
+    seqs = [q["seq"] for q in reqs]
+    assert seqs == list(range(seqs[0], seqs[0] + len(paths)))
+    st = stats(newer_than=time.time() + 0.1)
+    assert st["http.resumed"] >= 3 and st.get("dropped.proxy_socket", 0) == 0
+
+
+def test_config_idle_pooled_connection_closed_after_pool_idle(multi):
+    lab, _a, b, _proc = multi
+    before = stats(newer_than=time.time())
+    fetch(lab, ONE_B, "/len/1601")
+    time.sleep(2.0)                                # timeouts.pool_idle = 1 on this listener
+    after = stats(newer_than=time.time())
+    assert after["http.pool_expired"] - before.get("http.pool_expired", 0) >= 1
+    fetch(lab, ONE_B, "/len/1602")
+    conns = {q["target"]: q["conn"] for q in b.requests()}
+    assert conns["/len/1601"] != conns["/len/1602"]
+
+
+def test_config_partly_read_response_retires_its_connection(multi):
+    """The client goes away in the middle of a copied (chunked) body: the rest of the
+    response is never read, so its upstream connection is closed, not pooled (and not
+    merely found readable when taken from the pool: http.upstream_unsolicited)."""
+    lab, a, _b, _proc = multi
+    before = stats(newer_than=time.time())
+    # 64 MiB is more than the socket buffers hold: the proxy is still copying when the
+    # client closes with unread bytes (a reset).
+    path = f"/chunked/{64 << 20}/65536"
+    req = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    raw_exchange(lab, [req, ("recv", 20000), ("sleep", 0.5), ("close",)], addr=PROXY, port=ONE_A, idle=2.0)
+    time.sleep(0.5)
+    fetch(lab, ONE_A, "/len/1701")
+    conns = {q["target"]: q["conn"] for q in a.requests()}
+    assert conns[path] != conns["/len/1701"]
+    after = stats(newer_than=time.time())
+    assert after.get("http.upstream_unsolicited", 0) == before.get("http.upstream_unsolicited", 0)

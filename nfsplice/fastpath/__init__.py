@@ -149,11 +149,13 @@ def ether_devices() -> list[tuple[str, int]]:
                     continue
             with open(f"{base}/ifindex") as f:
                 idx = int(f.read())
-            with open(f"{base}/operstate") as f:
-                state = f.read().strip()
+            with open(f"{base}/flags") as f:
+                flags = int(f.read(), 16)
         except OSError:
             continue
-        if name != "lo" and state in ("up", "unknown"):
+        # IFF_UP, not operstate: a veth whose peer just came up still says "down" for
+        # a moment (the kernel's link watch updates it later).
+        if name != "lo" and flags & 1:
             out.append((name, idx))
     return out
 
