@@ -224,7 +224,10 @@ class Runner:
     # -- the proxy's calls ---------------------------------------------------------------
     def register(self, pair: Pair) -> Pair:
         with self.lock:
-            return self.engine.register(pair)
+            self.engine.register(pair)
+            if self.engine.fast_ops:
+                self._apply_fast()     # the program marks the pair's packets from now on
+            return pair
 
     def splice(self, pair: Pair, a: SocketState, b: SocketState, **kw) -> None:
         with self.lock:
