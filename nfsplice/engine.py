@@ -106,6 +106,9 @@ class Pair:
     fin_acked: list = field(default_factory=lambda: [False, False])
     tsval: list = field(default_factory=lambda: [None, None])      # last TSval seen per side
     syn: list = field(default_factory=lambda: [None, None])        # SynOptions per side
+    # Per direction a tap sink or None: an object with write(offset, data) and
+    # close(length) (tap.TapStream, or the proxy's own, e.g. a cache writer), fed the
+    # forwarded payload at its stream offset; neither call may block.
     tap: list = field(default_factory=lambda: [None, None])
     tap_base: list = field(default_factory=lambda: [(0, 0), (0, 0)])  # (seq, stream offset)
     packets: list = field(default_factory=lambda: [0, 0])
@@ -342,7 +345,7 @@ class Engine:
                     payload = payload[-off:]
                     off = 0
                 if len(payload):
-                    self.tap.write(tap, base_off + off, payload)
+                    tap.write(base_off + off, payload)
         if flags & RST:
             pair.reset = True
             self.counters["rst_translated"] += 1
@@ -717,11 +720,10 @@ class Engine:
         self.pairs.pop(pair.id, None)
         if reason is not None:
             self.counters["pairs.done." + reason] += 1
-        if self.tap is not None:
-            for d in (C2S, S2C):
-                stream = pair.tap[d]
-                if stream is not None:
-                    self.tap.close(stream, self.stream_length(pair, d))
+        for d in (C2S, S2C):
+            sink = pair.tap[d]
+            if sink is not None:
+                sink.close(self.stream_length(pair, d))
         pair.state = State.DONE
         if reason is not None:   # an aborted hand-off stays with the proxy that owns it
             self.forgotten.append(pair)

@@ -57,13 +57,22 @@ class Coverage:
 
 @dataclass
 class TapStream:
+    """One direction of one pair in a TapStore.  Like every tap sink the engine feeds
+    (Pair.tap), it has write(offset, data) and close(length): neither may block."""
     path: str
     fd: int
     meta: dict
+    store: "TapStore | None" = None
     coverage: Coverage = field(default_factory=Coverage)
     failed: str | None = None
     length: int | None = None
     closed: bool = False
+
+    def write(self, offset: int, data) -> None:
+        self.store.write(self, offset, data)
+
+    def close(self, length: int | None) -> None:
+        self.store.close(self, length)
 
 
 class TapStore:
@@ -84,7 +93,7 @@ class TapStore:
     def open(self, name: str, meta: dict) -> TapStream:
         path = os.path.join(self.directory, name)
         fd = os.open(path + ".data", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        return TapStream(path, fd, dict(meta))
+        return TapStream(path, fd, dict(meta), self)
 
     def write(self, stream: TapStream, offset: int, data) -> None:
         """Queue DATA for OFFSET of STREAM; never blocks (a full queue fails the stream)."""

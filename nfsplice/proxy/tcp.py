@@ -136,11 +136,10 @@ class TCPSpliceProxy:
         """Normally nothing to move (the engine held the client's payload since its SYN);
         whatever did reach a socket goes across and into the tap.  Returns (copied bytes,
         FIN passed on) per direction."""
-        tap = self.engine.tap
 
         def to_tap(d, offset, data):
-            if tap is not None and pair.tap[d] is not None:
-                tap.write(pair.tap[d], offset, data)
+            if pair.tap[d] is not None:
+                pair.tap[d].write(offset, data)
 
         got = handoff.drain(csock, usock, self.handoff_timeout, on_data=to_tap)
         if got.copied[C2S] or got.copied[S2C]:
