@@ -197,6 +197,7 @@ class Engine:
         # The fast path: when on, pairs whose fast flows must be (re)written or removed
         # are listed in fast_ops for the runner, which applies them before any verdict.
         self.fast = False
+        self.fast_tap = False     # the program can tap (its records reach tap_payload)
         self.fast_ops: list[Pair] = []
 
     # -- the per-packet path ----------------------------------------------------------------
@@ -335,17 +336,8 @@ class Engine:
             pair.next_seq[d] = nxt
             if plen:
                 pair.progress_at = pair.last_seen
-        if plen:
-            tap = pair.tap[d]
-            if tap is not None:
-                base_seq, base_off = pair.tap_base[d]
-                off = seq.diff(v.seq, base_seq)
-                payload = v.payload()
-                if off < 0:   # a retransmission reaching back before the splice point
-                    payload = payload[-off:]
-                    off = 0
-                if len(payload):
-                    tap.write(base_off + off, payload)
+        if plen and pair.tap[d] is not None:
+            tap_payload(pair, d, v.seq, v.payload())
         if flags & RST:
             pair.reset = True
             self.counters["rst_translated"] += 1
@@ -435,22 +427,22 @@ class Engine:
         """What the pair's flows in the fast path must say: None, no flows (the fast
         path is off or the pair is gone); "queue", flows that only mark the pair's
         packets for the rules (the engine handles every one); or per direction
-        (message end, acknowledgement watch) for flows the program forwards itself.
+        (message end, acknowledgement watch, tap) for flows the program forwards itself.
         Only a plainly spliced pair is fast; a hand-off, a message end or FIN being
-        acknowledged, a reset, an overrun, a resume and a tap (which needs every
-        payload) are not."""
+        acknowledged, a reset, an overrun and a resume are not, nor a pair with a tap
+        unless the program can tap (fast_tap)."""
         if not self.fast or pair.state == State.DONE:
             return None
         if pair.state != State.SPLICED or pair.resuming or pair.reset or any(pair.ts_pending) \
                 or pair.overrun or pair.message_done is not None or pair.held \
                 or pair.fin_seq[C2S] is not None or pair.fin_seq[S2C] is not None \
-                or pair.tap[C2S] is not None or pair.tap[S2C] is not None:
+                or (not self.fast_tap and (pair.tap[C2S] is not None or pair.tap[S2C] is not None)):
             return "queue"
         sig = []
         for d in (C2S, S2C):
             o = 1 - d
             watch = pair.end_seq[o] if pair.end_seq[o] is not None and not pair.end_acked[o] else None
-            sig.append((pair.end_seq[d], watch))
+            sig.append((pair.end_seq[d], watch, pair.tap[d] is not None))
         return tuple(sig)
 
     def _fast_check(self, pair: Pair) -> None:
@@ -745,6 +737,19 @@ class Engine:
         out["pairs.oldest"] = [f"{p.describe()} {p.state.name} idle {now - p.last_seen:.1f}s"
                                for p in heapq.nsmallest(10, self.pairs.values(), key=lambda p: p.last_seen)]
         return out
+
+
+def tap_payload(pair: Pair, d: int, first_seq: int, payload) -> None:
+    """Hand PAYLOAD (sequence FIRST_SEQ in direction D's sender space) to the pair's
+    tap sink at its stream offset.  The engine calls it for packets it forwards, the
+    runner for the fast path's tap records."""
+    base_seq, base_off = pair.tap_base[d]
+    off = seq.diff(first_seq, base_seq)
+    if off < 0:   # a retransmission reaching back before the splice point
+        payload = payload[-off:]
+        off = 0
+    if len(payload):
+        pair.tap[d].write(base_off + off, payload)
 
 
 def _endpoint_str(e: Endpoint) -> str:

@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 
-from .engine import C2S, INJECT_MARK, QUEUE_MARK, S2C, Decision, Engine, Pair, SocketState
+from .engine import C2S, INJECT_MARK, QUEUE_MARK, S2C, Decision, Engine, Pair, SocketState, tap_payload
 from .packet import Translation
 from .queue.base import ACCEPT, DROP
 
@@ -46,6 +46,7 @@ class Runner:
         self.verdict_errors = 0
         self.raw: socket.socket | None = None
         self.fastpath = None      # a fastpath.FastPath, when the fast path is on
+        self.tap_lock = threading.Lock()
         self._fast_refresh = 0.0
 
     # -- verdicts ------------------------------------------------------------------------
@@ -81,6 +82,10 @@ class Runner:
     # -- the queue thread ----------------------------------------------------------------
     def start(self) -> None:
         self.threads = []
+        if self.fastpath is not None and self.engine.fast_tap:
+            t = threading.Thread(target=self._tap_loop, name="nfsplice-tap", daemon=True)
+            t.start()
+            self.threads.append(t)
         for i, backend in enumerate(self.backends):
             t = threading.Thread(target=self.run, args=(backend, i == 0), name=f"nfsplice-queue{i}", daemon=True)
             t.start()
@@ -128,6 +133,8 @@ class Runner:
                 if timers and now >= next_tick:
                     if self.fastpath is not None:
                         self._refresh_fast(now)
+                        if self.engine.fast_tap:
+                            self._drain_tap()
                     for handle, d, buf in eng.tick(now):
                         decided.append((handle, d))
                         handle.buf = memoryview(buf)
@@ -187,9 +194,9 @@ class Runner:
                                                ifindex=0, mark=QUEUE_MARK, fast=False))
                     continue
                 for d in (C2S, S2C):
-                    end, watch = sig[d]
+                    end, watch, tap = sig[d]
                     fp.put(keys[d], flow_value(pair.tr[d], end_seq=end, ack_watch=watch, ifindex=egress[d],
-                                               mark=QUEUE_MARK))
+                                               mark=QUEUE_MARK, tap=tap))
                 eng.counters["fastpath.flows_written"] += 2
             except OSError as e:
                 # A full map or a failing bpf(2): the queue carries the pair.
@@ -200,6 +207,30 @@ class Runner:
                     except OSError:
                         pass
                 pair.fast_sig = None
+
+    # -- the fast path's tap ---------------------------------------------------------------
+    def _tap_loop(self) -> None:
+        """Payload the program copied for tapped pairs, to their sinks."""
+        ring = self.fastpath.tap
+        while not self.stop.is_set():
+            ring.wait(0.2)
+            self._drain_tap()
+
+    def _drain_tap(self) -> None:
+        """Every record committed so far.  The tap thread calls it, and the timers do
+        (with the engine lock held) before the engine may close a pair's tap, so a tap
+        sees all of its payload; tap_lock keeps the two consumers apart."""
+        flows = self.engine.flows
+        counters = self.engine.counters
+
+        def handle(key, first_seq, payload):
+            ent = flows.get(key)
+            if ent is None or ent[0].tap[ent[1]] is None:
+                counters["fastpath.tap_orphan_records"] += 1
+                return
+            tap_payload(ent[0], ent[1], first_seq, payload)
+        with self.tap_lock:
+            self.fastpath.tap.consume(handle)
 
     def _refresh_fast(self, now: float) -> None:
         """Idle and inactivity timers: a fast pair's packets never reach the engine, so

@@ -264,7 +264,7 @@ def _serve(args, instance: str, listen: str, need: dict[str, str], make_rules, m
     rulesets = []
     try:
         runner.fastpath = _open_fastpath(args, instance)
-        engine.fast = runner.fastpath is not None
+        engine.fast = engine.fast_tap = runner.fastpath is not None
         rulesets = make_rules(QUEUE_MARK if engine.fast else None)
         runner.start()
         for ruleset in rulesets:

@@ -203,7 +203,7 @@ def test_fast_flows_follow_the_pair():
                              Endpoint(SERVER, 8000)), now=0.0)
     assert _ops(eng) == [(pair.id, "queue")]
     eng.splice(pair, A, B)
-    assert _ops(eng) == [(pair.id, ((None, None), (None, None)))]
+    assert _ops(eng) == [(pair.id, ((None, None, False), (None, None, False)))]
     run(eng, from_server(70000, 90000, payload=b"x" * 100))
     assert _ops(eng) == []                           # nothing changed: nothing to write
     run(eng, from_server(70100, 90000, flags=P.ACK | P.FIN))
@@ -224,9 +224,9 @@ def test_fast_flows_carry_message_end_and_watch():
     end_c2s, end_s2c = A.rcv_seq, B.rcv_seq + 150
     # C2S: ends where it is (nothing may go to the origin), watches the body's end.
     # S2C: ends after 150 bytes, and watches the C2S end, which the first ack reaches.
-    assert ops[-1] == (pair.id, ((end_c2s, end_s2c), (end_s2c, end_c2s)))
+    assert ops[-1] == (pair.id, ((end_c2s, end_s2c, False), (end_s2c, end_c2s, False)))
     run(eng, from_server(70000, 90000, payload=b"x" * 100))     # acks the request: C2S end acked
-    assert _ops(eng) == [(pair.id, ((end_c2s, end_s2c), (end_s2c, None)))]
+    assert _ops(eng) == [(pair.id, ((end_c2s, end_s2c, False), (end_s2c, None, False)))]
     run(eng, from_client(5000, 1150))                            # acks the whole body
     assert _ops(eng) == [(pair.id, "queue")] and pair.message_done is not None
 
@@ -253,7 +253,11 @@ def test_no_fast_flows_when_off_or_tapped(tmp_path):
     eng = Engine(tap)
     eng.fast = True
     pair = new_pair(eng)
-    assert _ops(eng)[-1] == (pair.id, "queue")     # the tap needs every payload
+    assert _ops(eng)[-1] == (pair.id, "queue")     # the tap needs every payload ...
+    eng._forget(pair, "test")
+    eng.fast_tap = True
+    pair = new_pair(eng)                           # ... unless the program copies them
+    assert _ops(eng)[-1] == (pair.id, ((None, None, True), (None, None, True)))
     tap.stop()
 
 
@@ -300,7 +304,7 @@ def test_tsvals_learnt_from_the_first_packets_after_the_splice():
     pkt = P.build(SERVER, PB, 8000, 61000, 70000, 90002, P.ACK, options=ts(9_000, 3_000_000_001))
     _d, out = run(eng, pkt)
     assert valid(out)[TCP].options[2][1] == (777_001, 42)      # TSecr back in the client's clock
-    assert _ops(eng)[-1] == (pair.id, ((None, None), (None, None)))   # now the program can take it
+    assert _ops(eng)[-1] == (pair.id, ((None, None, False), (None, None, False)))   # the program's now
     pkt = P.build(CLIENT, PA, 40000, 8080, 5002, 1000, P.ACK, options=ts(50, 777_001))
     _d, out = run(eng, pkt)
     assert valid(out)[TCP].options[2][1] == (3_000_000_009, 9_000)

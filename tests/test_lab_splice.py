@@ -52,7 +52,7 @@ def _describe(c: dict) -> str:
 IDLE = ("--idle-timeout", "8")
 
 
-def verify(lab, sp: Splicer, srv: ServerProcess, result: dict, fast: bool = False) -> dict:
+def verify(lab, sp: Splicer, srv: ServerProcess, result: dict, fast: bool) -> dict:
     bad = [_describe(c) for c in result["connections"] if not c["ok"]]
     assert not bad, "client saw wrong bytes:\n" + "\n".join(bad[:10]) + "\n" + sp.log_text()
     problems = srv.check(result)
@@ -82,6 +82,8 @@ def verify(lab, sp: Splicer, srv: ServerProcess, result: dict, fast: bool = Fals
         if moved:
             assert st.get("fastpath.fast_packets", 0) > 0 and st.get("fastpath.flows_written", 0) > 0, st
     else:
+        assert "fastpath.fast_packets" not in st, st
+    if sp.tap_dir:
         check_tap(sp, result, uploaded)
     return st
 
@@ -131,9 +133,11 @@ def after_stop(lab, sp: Splicer) -> None:
     assert "exit:" in sp.log_text()
 
 
-# "queue": every packet through NFQUEUE and the engine (the tap keeps pairs there);
-# "fast": no tap, so the steady state goes through the tc-BPF fast path.
-PATHS = {"queue": ((), True), "fast": (("--fastpath", "on"), False)}
+# "queue": every packet through NFQUEUE and the engine, tap on;
+# "fast": the steady state through the tc-BPF fast path, no tap;
+# "fasttap": the fast path with the tap (the program copies payloads into its ring).
+PATHS = {"queue": (("--fastpath", "off"), True), "fast": (("--fastpath", "on"), False),
+         "fasttap": (("--fastpath", "on"), True)}
 
 
 def tc_filters(lab) -> str:
@@ -157,7 +161,7 @@ def test_matrix(lab, loss, mode, loss_percent, path):
         kw = {"reset_at": 30000} if mode == "reset" else {}
         result = run_client(LISTEN, sizes=MATRIX, mode=mode, concurrency=len(MATRIX),
                             netns=lab.client, timeout=60, seed=loss_percent * 100 + len(mode), **kw)
-        st = verify(lab, sp, srv, result, fast=not tap)
+        st = verify(lab, sp, srv, result, fast=path != "queue")
         if loss_percent:
             assert sum(lab.loss_drops(ns) for ns in (lab.client, lab.proxy, lab.origin)) > 0
         if mode == "reset":
@@ -173,18 +177,21 @@ def test_200_concurrent_pairs_with_loss(lab, loss, path):
             Splicer(lab, f"conc200-{path}", *IDLE, *extra, tap=tap) as sp:
         result = run_client(LISTEN, random_sizes=1 << 20, count=200, concurrency=200, mode="mixed",
                             netns=lab.client, timeout=90, seed=7)
-        verify(lab, sp, srv, result, fast=not tap)
+        verify(lab, sp, srv, result, fast=path != "queue")
         after_stop(lab, sp)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("path", ["queue", "fasttap"])
 @pytest.mark.parametrize("size,loss_percent", [(64 << 20, 1), (256 << 20, 0)])
-def test_large_both_ways(lab, loss, size, loss_percent):
+def test_large_both_ways(lab, loss, size, loss_percent, path):
     loss(loss_percent)
-    with ServerProcess(lab, lab.origin, "198.18.2.2", 9001) as srv, Splicer(lab, f"big-{size}", *IDLE) as sp:
+    extra, tap = PATHS[path]
+    with ServerProcess(lab, lab.origin, "198.18.2.2", 9001) as srv, \
+            Splicer(lab, f"big-{size}-{path}", *IDLE, *extra, tap=tap) as sp:
         result = run_client(LISTEN, upload=size, download=size, mode="client-first",
                             netns=lab.client, timeout=120, seed=11)
-        st = verify(lab, sp, srv, result)
+        st = verify(lab, sp, srv, result, fast=path != "queue")
         # With the GSO flag the engine sees large packets: far fewer than one per MSS.
         if not loss_percent:
             assert st["packets.s2c"] < size // 1448 // 4, st

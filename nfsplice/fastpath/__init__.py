@@ -25,7 +25,9 @@ import ctypes.util
 import errno
 import hashlib
 import logging
+import mmap
 import os
+import select
 import shutil
 import socket
 import struct
@@ -39,10 +41,13 @@ SOURCE = os.path.join(os.path.dirname(__file__), "fastpath.bpf.c")
 
 # struct flow in fastpath.bpf.c (88 bytes); addresses and ports in network order.
 FLOW = struct.Struct("=4s4s2s2sIIIIIIIIIBBBB4xQQQII")
-F_FAST, F_END, F_WATCH, F_FLOOR = 1, 2, 4, 8
+F_FAST, F_END, F_WATCH, F_FLOOR, F_TAP = 1, 2, 4, 8, 16
 STAT_NAMES = ("fast_packets", "fast_bytes", "queue_marked", "punt.flags", "punt.options",
               "punt.message_end", "punt.ack_watch", "punt.tsecr_floor", "punt.zero_window",
-              "punt.shape", "redirect_failed")
+              "punt.shape", "redirect_failed", "tap_records", "punt.tap_full")
+TAP_RING_SIZE = 64 << 20          # nfs_tap's max_entries
+_TAP_HEAD = struct.Struct("=12sII")   # struct tap_rec: key, seq, len (then the payload)
+_RB_BUSY, _RB_DISCARD = 1 << 31, 1 << 30
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT, TC_ACT_UNSPEC = 0, 2, 7, -1
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
@@ -194,6 +199,7 @@ class FastPath:
             self.prog_fd = _obj_get(f"{pin}/prog")
             self.flows = _Map(_obj_get(f"{pin}/maps/nfs_flows"), 12, FLOW.size)
             self.stats_map = _Map(_obj_get(f"{pin}/maps/nfs_stats"), 4, 8 * _ncpus())
+            self.tap = TapRing(_obj_get(f"{pin}/maps/nfs_tap"), TAP_RING_SIZE)
             if attach:
                 self._attach(f"{pin}/prog")
         except BaseException:
@@ -230,6 +236,8 @@ class FastPath:
     def close(self) -> None:
         """Detach and let go; counters() keeps answering with the last figures."""
         self.detach()
+        if getattr(self, "tap", None) is not None:
+            self.tap.close()
         if getattr(self, "stats_map", None) is not None and self.stats_map.fd is not None:
             self._last = self.counters()
         for attr in ("prog_fd",):
@@ -295,10 +303,64 @@ class FastPath:
         return retval, out.raw[:size_out]
 
 
+class TapRing:
+    """The consumer side of the program's tap ring (BPF_MAP_TYPE_RINGBUF).
+
+    The map is mmapped as the kernel lays it out: a consumer page we write our
+    position to, then the producer page and the data pages mapped twice in a row, so a
+    record that wraps reads as one slice.  Each record: 8-byte header (length with the
+    busy and discard bits), then struct tap_rec, padded to 8 bytes."""
+
+    def __init__(self, fd: int, size: int):
+        self.fd, self.size = fd, size
+        page = mmap.PAGESIZE
+        self.page = page
+        self.consumer = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        self.producer = mmap.mmap(fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        self.view = memoryview(self.producer)
+        self.poller = select.epoll()
+        self.poller.register(fd, select.EPOLLIN)
+
+    def wait(self, timeout: float) -> None:
+        self.poller.poll(timeout)
+
+    def consume(self, handle) -> int:
+        """Call HANDLE(key, seq, payload) for every record committed so far; the
+        payload is a view into the ring, valid only during the call."""
+        cons = struct.unpack_from("=Q", self.consumer, 0)[0]
+        prod = struct.unpack_from("=Q", self.producer, 0)[0]
+        n = 0
+        view, mask, page = self.view, self.size - 1, self.page
+        while cons < prod:
+            at = page + (cons & mask)
+            head = struct.unpack_from("=I", view, at)[0]
+            if head & _RB_BUSY:
+                break                      # reserved, not yet submitted
+            length = head & ~(_RB_BUSY | _RB_DISCARD)
+            if not head & _RB_DISCARD:
+                key, first_seq, plen = _TAP_HEAD.unpack_from(view, at + 8)
+                start = at + 8 + _TAP_HEAD.size
+                handle(key, first_seq, view[start:start + plen])
+                n += 1
+            cons += (length + 8 + 7) & ~7
+            struct.pack_into("=Q", self.consumer, 0, cons)
+        return n
+
+    def close(self) -> None:
+        if self.fd is None:
+            return
+        self.poller.close()
+        self.view.release()
+        self.producer.close()
+        self.consumer.close()
+        os.close(self.fd)
+        self.fd = None
+
+
 def flow_value(tr, *, end_seq: int | None, ack_watch: int | None, ifindex: int, mark: int = 0,
-               fast: bool = True) -> bytes:
+               fast: bool = True, tap: bool = False) -> bytes:
     """The map value for one direction with Translation TR (packet.Translation)."""
-    flags = (F_FAST if fast else 0) | (F_END if end_seq is not None else 0) \
+    flags = (F_FAST if fast else 0) | (F_TAP if tap else 0) | (F_END if end_seq is not None else 0) \
         | (F_WATCH if ack_watch is not None else 0) | (F_FLOOR if tr.tsecr_floor is not None else 0)
     m = 0xFFFFFFFF
     return FLOW.pack(tr.src, tr.dst, struct.pack("!H", tr.sport), struct.pack("!H", tr.dport),

@@ -41,6 +41,8 @@
 #define F_END    2   /* end_seq is set: payload past it is punted */
 #define F_WATCH  4   /* ack_watch is set: a translated ack reaching it is punted */
 #define F_FLOOR  8   /* tsecr_floor is set */
+#define F_TAP   16   /* copy the payload into nfs_tap for the engine's tap sinks */
+#define TAP_MAX 65536
 
 struct flow_key {
 	__u32 saddr, daddr;     /* network order, as the packet arrives */
@@ -66,6 +68,7 @@ struct flow {
 enum {
 	S_FAST_PACKETS, S_FAST_BYTES, S_QUEUE_MARKED,
 	P_FLAGS, P_OPTIONS, P_END, P_WATCH, P_FLOOR, P_ZERO_WINDOW, P_SHAPE, P_REDIRECT,
+	S_TAP_RECORDS, P_TAP_FULL,
 	S_MAX
 };
 
@@ -82,6 +85,23 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } nfs_stats SEC(".maps");
+
+/* The tap: one record per forwarded payload, with the arrival key and the sender's
+ * sequence number, so the engine puts it at its stream offset exactly as it does for
+ * the packets it forwards itself.  A record always reserves TAP_MAX bytes (the size
+ * must be a constant); when the ring is full the packet goes to the engine instead,
+ * which taps it there: nothing is lost to a slow consumer, it only costs speed. */
+struct tap_rec {
+	struct flow_key key;
+	__u32 seq;
+	__u32 len;
+	__u8 data[TAP_MAX];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 << 20);
+} nfs_tap SEC(".maps");
 
 static __always_inline void count(__u32 what, __u64 n)
 {
@@ -240,6 +260,23 @@ int nfsplice_fast(struct __sk_buff *skb)
 	}
 	__u32 old_addr[2] = {ip->saddr, ip->daddr};
 	__u32 new_addr[2] = {f->saddr, f->daddr};
+
+	if ((f->flags & F_TAP) && plen) {
+		if (plen > TAP_MAX)
+			return punt(skb, f, P_SHAPE);
+		struct tap_rec *rec = bpf_ringbuf_reserve(&nfs_tap, sizeof(*rec), 0);
+		if (!rec)
+			return punt(skb, f, P_TAP_FULL);
+		rec->key = key;
+		rec->seq = seq;
+		rec->len = plen;
+		if (bpf_skb_load_bytes(skb, TCP_OFF + doff, rec->data, plen)) {
+			bpf_ringbuf_discard(rec, 0);
+			return punt(skb, f, P_SHAPE);
+		}
+		bpf_ringbuf_submit(rec, 0);
+		count(S_TAP_RECORDS, 1);
+	}
 
 	/* Progress, before the packet goes: the engine reads it for timers and resumes. */
 	__sync_fetch_and_add(&f->packets, 1);
