@@ -1,7 +1,7 @@
 """Benchmark of L4 forwarding paths in the lab: throughput, CPU and round-trip time.
 
     python -m netns_lab.bench [--size 1GiB] [--rounds 3] [--rtt-count 2000]
-        [--peers routing,splice,asyncio,haproxy,nginx,nfsplice-fast,nfsplice-netlink,nfsplice-nfq]
+        [--peers routing,splice,asyncio,haproxy,nginx,nfsplice-fast,nfsplice-fasttap,nfsplice-netlink,nfsplice-nfq]
         [--peer-cmd NAME='ARGV with {python} {listen} {upstream} {ready_file} {dir}']
         [--out netns_lab/results] [--prefix bench]
 
@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 PEER_DIR = Path(__file__).resolve().parent / "peers"
 LISTEN = (PROXY_CLIENT_ADDR, 9000)
 ORIGIN = (ORIGIN_ADDR, 9001)
-DEFAULT_PEERS = "routing,splice,asyncio,haproxy,nginx,nfsplice-fast,nfsplice-netlink,nfsplice-nfq"
+DEFAULT_PEERS = "routing,splice,asyncio,haproxy,nginx,nfsplice-fast,nfsplice-fasttap,nfsplice-netlink,nfsplice-nfq"
 START_TIMEOUT = 15.0        # s for a peer to become ready
 STOP_TIMEOUT = 5.0          # s between SIGTERM and SIGKILL
 
@@ -75,12 +75,17 @@ class Peer:
         return self.argv is not None and any("{ready_file}" in a for a in self.argv)
 
 
-def _nfsplice(backend: str, fast: bool = False) -> Peer:
-    name = "nfsplice-fast" if fast else f"nfsplice-{'nfq' if backend == 'netfilterqueue' else backend}"
-    return Peer(name, ("{python}", "-m", "nfsplice", "tcp", "--listen", "{listen}", "--upstream", "{upstream}",
-                       "--backend", backend, "--ready-file", "{ready_file}", "--fastpath", "on" if fast else "off"),
-                note="NFQUEUE engine + tc-BPF fast path" if fast
-                else f"NFQUEUE engine only, {backend} backend")
+def _nfsplice(backend: str, fast: bool = False, tap: bool = False) -> Peer:
+    name = ("nfsplice-fasttap" if tap else "nfsplice-fast") if fast else \
+        f"nfsplice-{'nfq' if backend == 'netfilterqueue' else backend}"
+    argv = ("{python}", "-m", "nfsplice", "tcp", "--listen", "{listen}", "--upstream", "{upstream}",
+            "--backend", backend, "--ready-file", "{ready_file}", "--fastpath", "on" if fast else "off")
+    if tap:
+        argv += ("--tap-dir", "{dir}/tap")
+    note = f"NFQUEUE engine only, {backend} backend"
+    if fast:
+        note = "NFQUEUE engine + tc-BPF fast path" + (", TCP Tap on (both directions to files)" if tap else "")
+    return Peer(name, argv, note=note)
 
 
 _PY = "{python}"
@@ -100,6 +105,7 @@ PEERS: dict[str, Peer] = {p.name: p for p in (
          config=("nginx.conf.tmpl", "nginx.conf", {"workers": "auto"}),
          note="stream proxy_pass, worker_processes auto"),
     _nfsplice("netlink", fast=True),
+    _nfsplice("netlink", fast=True, tap=True),
     _nfsplice("netlink"),
     _nfsplice("netfilterqueue"),
 )}
