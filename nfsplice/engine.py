@@ -105,6 +105,7 @@ class Pair:
     fin_seq: list = field(default_factory=lambda: [None, None])   # in the sender's space
     fin_acked: list = field(default_factory=lambda: [False, False])
     tsval: list = field(default_factory=lambda: [None, None])      # last TSval seen per side
+    ts_ref: list = field(default_factory=lambda: [None, None])     # TSval of the first held packet
     syn: list = field(default_factory=lambda: [None, None])        # SynOptions per side
     # Per direction a tap sink or None: an object with write(offset, data) and
     # close(length) (tap.TapStream, or the proxy's own, e.g. a cache writer), fed the
@@ -198,6 +199,8 @@ class Engine:
         # are listed in fast_ops for the runner, which applies them before any verdict.
         self.fast = False
         self.fast_tap = False     # the program can tap (its records reach tap_payload)
+        self.window_updates = True   # splice() tells the origin the client's window (replay of
+                                     # captures made before it did sets this False)
         self.fast_ops: list[Pair] = []
 
     # -- the per-packet path ----------------------------------------------------------------
@@ -267,6 +270,16 @@ class Engine:
             pair.held.append(Held(handle, bytearray(buf), csum_partial, d))
             c["held.resuming"] += 1
             return Decision.HOLD
+        end = pair.end_seq[d]
+        if (pair.resumable and end is not None and v.payload_len
+                and seq.gt(seq.add(v.seq, v.payload_len), end)):
+            # Bytes past a message end of a pair that will resume: the next request,
+            # often on the very segment that acknowledges the response's last byte.
+            # The splice cuts them (and passes the acknowledgement on); a copy is kept
+            # for the rebuilt socket, or the client would resend them only after its
+            # retransmission timeout.  A copy has no queue entry: it is sent again.
+            pair.held.append(Held(None, _whole(buf, v, csum_partial), False, d))
+            c["held.next_message"] += 1
         try:
             self._forward(pair, d, v, csum_partial)
         except Malformed as e:
@@ -301,6 +314,8 @@ class Engine:
             pair.tsval[d] = ts
         if not (v.payload_len or flags & (FIN | RST)):
             return Decision.ACCEPT
+        if ts is not None and pair.ts_ref[d] is None:
+            pair.ts_ref[d] = ts
         pair.held.append(Held(handle, bytearray(buf), csum_partial, d))
         c["held"] += 1
         if flags & ACK and not flags & RST:
@@ -426,13 +441,16 @@ class Engine:
     def fast_signature(self, pair: Pair) -> tuple | str | None:
         """What the pair's flows in the fast path must say: None, no flows (the fast
         path is off or the pair is gone); "queue", flows that only mark the pair's
-        packets for the rules (the engine handles every one); or per direction
+        packets for the rules (the engine handles every one); "handoff", the same but
+        pure ACKs pass unmarked (in HANDOFF the engine only lets them through); or per direction
         (message end, acknowledgement watch, tap) for flows the program forwards itself.
         Only a plainly spliced pair is fast; a hand-off, a message end or FIN being
         acknowledged, a reset, an overrun and a resume are not, nor a pair with a tap
         unless the program can tap (fast_tap)."""
         if not self.fast or pair.state == State.DONE:
             return None
+        if pair.state == State.HANDOFF:
+            return "handoff"
         if pair.state != State.SPLICED or pair.resuming or pair.reset or any(pair.ts_pending) \
                 or pair.overrun or pair.message_done is not None or pair.held \
                 or pair.fin_seq[C2S] is not None or pair.fin_seq[S2C] is not None \
@@ -557,8 +575,13 @@ class Engine:
         # current TSval the engine has not seen (its packets were not queued before the
         # hand-off) gets its offset from its first packet after the splice (ts_pending).
         pair.ts_pending = [ts_on and pair.tsval[d] is None for d in (C2S, S2C)]
-        s2c_ts = seq.diff(seq.add(a.ts_now, 1), pair.tsval[S2C]) if ts_on and not pair.ts_pending[S2C] else 0
-        c2s_ts = seq.diff(seq.add(b.ts_now, 1), pair.tsval[C2S]) if ts_on and not pair.ts_pending[C2S] else 0
+        # The offset maps the oldest TSval among the packets it will translate (the
+        # first one held, else the newest seen: later ones are newer still) to one past
+        # the frozen socket's last, so none comes out below what the receiver saw from
+        # that socket (PAWS would drop it).
+        ref = [pair.ts_ref[d] if pair.ts_ref[d] is not None else pair.tsval[d] for d in (C2S, S2C)]
+        s2c_ts = seq.diff(seq.add(a.ts_now, 1), ref[S2C]) if ts_on and not pair.ts_pending[S2C] else 0
+        c2s_ts = seq.diff(seq.add(b.ts_now, 1), ref[C2S]) if ts_on and not pair.ts_pending[C2S] else 0
         pair.tr[C2S] = _translation(pair.proxy_b, pair.server, a, b, c2s_ts, s2c_ts,
                                     pair.tsval[S2C] if ts_on else None)
         pair.tr[S2C] = _translation(pair.proxy_a, pair.client, b, a, s2c_ts, c2s_ts,
@@ -587,6 +610,12 @@ class Engine:
         if finished[C2S] and finished[S2C]:
             self._closing(pair)
         out = self._release(pair, rewrite=True)
+        if self.window_updates and not finished[S2C] and pair.state == State.SPLICED \
+                and not pair.ts_pending[S2C]:
+            # (With the origin's TSval unknown, its answer would go through the queue
+            # until the engine learnt it; a burst there costs more than the stall.)
+            self.injected.append(_window_update(pair, a, b, ts_on))
+            self.counters["injected.window_update"] += 1
         if self.fast:
             self._fast_check(pair)
         return out
@@ -767,7 +796,8 @@ def splice_record(pair: Pair, a: SocketState, b: SocketState, copied, finished) 
     return {"pair": pair.id, "client": _endpoint_str(pair.client), "proxy_a": _endpoint_str(pair.proxy_a),
             "proxy_b": _endpoint_str(pair.proxy_b), "server": _endpoint_str(pair.server),
             "a": a.__dict__.copy(), "b": b.__dict__.copy(), "copied": list(copied),
-            "finished": list(finished), "tsval": list(pair.tsval), "time": time.time()}
+            "finished": list(finished), "tsval": list(pair.tsval), "ts_ref": list(pair.ts_ref),
+            "window_update": True, "time": time.time()}
 
 
 def pair_from_record(rec: dict) -> tuple[Pair, SocketState, SocketState]:
@@ -788,6 +818,29 @@ def _translation(src: Endpoint, dst: Endpoint, came: SocketState, goes: SocketSt
                        ack_delta=seq.diff(goes.rcv_seq, came.snd_seq),
                        win_shift_in=came.snd_wscale, win_shift_out=goes.rcv_wscale,
                        tsval_delta=tsval_delta, tsecr_delta=-back_delta, tsecr_floor=tsecr_floor)
+
+
+def _whole(buf, v: TCPView, csum_partial: bool) -> bytearray:
+    """A copy of BUF that can be sent as it is: a partial checksum (a GSO or locally
+    made packet) summed in full."""
+    out = bytearray(buf)
+    if csum_partial:
+        struct.pack_into("!H", out, v.t + 16, packet.checksum.full_tcp(v.src, v.dst, memoryview(out)[v.t:], 16))
+    return out
+
+
+def _window_update(pair: Pair, a: SocketState, b: SocketState, ts_on: bool) -> bytearray:
+    """A pure ACK to the origin, as from socket B, announcing the client's window.
+
+    The hand-off waited until the client had acknowledged everything socket A sent it,
+    so no client packet may follow for a while; an origin that had filled B's receive
+    window (the proxy stopped reading after the head) would wait for its persist timer,
+    200 ms or more, before it learns the window is open again.  The window is the
+    client's as A last saw it, in the scale B announced; TSval one past B's last."""
+    wnd = a.window[1] >> b.rcv_wscale if a.window else 0xFFFF
+    opts = packet.timestamp_option(seq.add(b.ts_now, 1), pair.tsval[S2C] or 0) if ts_on else b""
+    return packet.build(pair.proxy_b.ip, pair.server.ip, pair.proxy_b.port, pair.server.port,
+                        b.snd_seq, b.rcv_seq, ACK, window=max(1, min(wnd, 0xFFFF)), options=opts)
 
 
 def _prefreeze_ack(pair: Pair, key: bytes, v: TCPView) -> bool:

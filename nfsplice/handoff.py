@@ -71,6 +71,9 @@ def drain(csock: socket.socket, usock: socket.socket, timeout: float, *, limits=
     deadline = time.monotonic() + timeout
     for s in (csock, usock):
         s.setblocking(False)
+    # Nothing wakes us when the peer's ACK empties a send queue: poll, briefly at first
+    # (an ACK usually takes well under a millisecond here), backing off to 5 ms.
+    nap = 0.001
     while True:
         moved = False
         for d, (src, dst) in enumerate(ends):
@@ -111,7 +114,8 @@ def drain(csock: socket.socket, usock: socket.socket, timeout: float, *, limits=
         if time.monotonic() > deadline:
             raise HandoffError(f"sockets not quiescent after {timeout:g} s "
                                f"(unacknowledged {outq(csock)}/{outq(usock)} bytes)")
-        select.select([s for d, (s, _) in enumerate(ends) if not out.finished[d]], [], [], 0.005)
+        select.select([s for d, (s, _) in enumerate(ends) if not out.finished[d]], [], [], nap)
+        nap = min(nap * 2, 0.005)
 
 
 def inq(sock: socket.socket) -> int:

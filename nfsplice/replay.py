@@ -753,6 +753,10 @@ def replay(packets, pairs_records=None, listen=None, *, linger: float = LIVE_LIN
             _p, a, b = pair_from_record(r)
             if r.get("tsval") is not None:
                 pair.tsval = list(r["tsval"])
+            # Records from before the engine took offsets from the first held packet,
+            # or sent the origin a window update, replay as they ran live.
+            pair.ts_ref = list(r["ts_ref"]) if "ts_ref" in r else [None, None]
+            eng.window_updates = bool(r.get("window_update"))
             try:
                 released = eng.splice(pair, a, b, copied=tuple(r.get("copied", (0, 0))),
                                       finished=tuple(r.get("finished", (False, False))))

@@ -76,7 +76,13 @@ class Runner:
                 self.engine.counters["injected.send_failed"] += 1
 
     def _send_all(self, items) -> None:
+        """Verdicts for queued packets; a copy the engine kept (no queue entry, handle
+        None) is sent again when accepted, forgotten when dropped."""
         for handle, decision, buf in items:
+            if handle is None:
+                if decision != Decision.DROP:
+                    self._inject([buf])
+                continue
             self._send(handle, decision, buf)
 
     # -- the queue thread ----------------------------------------------------------------
@@ -136,6 +142,8 @@ class Runner:
                         if self.engine.fast_tap:
                             self._drain_tap()
                     for handle, d, buf in eng.tick(now):
+                        if handle is None:      # a kept copy: no verdict, nothing to send
+                            continue
                         decided.append((handle, d))
                         handle.buf = memoryview(buf)
                     next_tick = now + 0.2
@@ -182,16 +190,16 @@ class Runner:
                 sig = pair.fast_sig
                 if sig is None:
                     continue
-                egress = [fp.egress(pair.tr[d].dst) for d in (C2S, S2C)] if sig != "queue" else []
-                if sig != "queue" and not all(egress):
+                egress = [fp.egress(pair.tr[d].dst) for d in (C2S, S2C)] if isinstance(sig, tuple) else []
+                if isinstance(sig, tuple) and not all(egress):
                     # One side is reached by a device the program is not attached to
                     # (or by no route): the queue carries this pair.
                     eng.counters["fastpath.no_device"] += 1
                     sig = pair.fast_sig = "queue"
-                if sig == "queue":
+                if sig in ("queue", "handoff"):
                     for key in keys:
-                        fp.put(key, flow_value(_NO_TRANSLATION, end_seq=None, ack_watch=None,
-                                               ifindex=0, mark=QUEUE_MARK, fast=False))
+                        fp.put(key, flow_value(_NO_TRANSLATION, end_seq=None, ack_watch=None, ifindex=0,
+                                               mark=QUEUE_MARK, fast=False, pass_acks=sig == "handoff"))
                     continue
                 for d in (C2S, S2C):
                     end, watch, tap = sig[d]
@@ -232,6 +240,17 @@ class Runner:
         with self.tap_lock:
             self.fastpath.tap.consume(handle)
 
+    def _handoff_tsvals(self, pair: Pair) -> None:
+        """Each side's latest TSval as the program saw it during the hand-off (the
+        pure ACKs it let pass never reached the engine), for the splice's offsets."""
+        for d, key in enumerate(pair.in_keys()):
+            try:
+                got = self.fastpath.get(key)
+            except OSError:
+                continue
+            if got is not None and got.last_tsval is not None:
+                pair.tsval[d] = got.last_tsval
+
     def _refresh_fast(self, now: float) -> None:
         """Idle and inactivity timers: a fast pair's packets never reach the engine, so
         before its timers run, pairs that look idle (or without progress) for a second
@@ -262,9 +281,14 @@ class Runner:
 
     def splice(self, pair: Pair, a: SocketState, b: SocketState, **kw) -> None:
         with self.lock:
+            if isinstance(pair.fast_sig, str):
+                self._handoff_tsvals(pair)
             self._send_all(self.engine.splice(pair, a, b, **kw))
             if self.engine.fast_ops:
                 self._apply_fast()
+            if self.engine.injected:      # the window update to the origin: at once
+                injected, self.engine.injected = self.engine.injected, []
+                self._inject(injected)
 
     def resume_numbers(self, pair: Pair):
         with self.lock:

@@ -19,9 +19,12 @@ B = SocketState(snd_seq=90000, rcv_seq=70000, snd_wscale=7, rcv_wscale=7, timest
 
 
 def new_pair(eng: Engine, **splice_kw) -> Pair:
+    """A spliced pair; the window update the splice sends the origin is dropped
+    (test_splice_tells_the_origin_the_window_is_open checks it)."""
     pair = eng.register(Pair(Endpoint(CLIENT, 40000), Endpoint(PA, 8080), Endpoint(PB, 61000),
                              Endpoint(SERVER, 8000)), now=0.0)
     eng.splice(pair, A, B, **splice_kw)
+    eng.injected.clear()
     return pair
 
 
@@ -195,13 +198,13 @@ def _ops(eng):
 
 
 def test_fast_flows_follow_the_pair():
-    """Registered: flows that only mark (the hand-off is the engine's).  Spliced: fast
+    """Registered: flows that only mark (pure ACKs pass: the hand-off is the engine's).  Spliced: fast
     flows.  A FIN: back to marking, so the engine sees the close.  Forgotten: none."""
     eng = Engine(linger=0.5)
     eng.fast = True
     pair = eng.register(Pair(Endpoint(CLIENT, 40000), Endpoint(PA, 8080), Endpoint(PB, 61000),
                              Endpoint(SERVER, 8000)), now=0.0)
-    assert _ops(eng) == [(pair.id, "queue")]
+    assert _ops(eng) == [(pair.id, "handoff")]
     eng.splice(pair, A, B)
     assert _ops(eng) == [(pair.id, ((None, None, False), (None, None, False)))]
     run(eng, from_server(70000, 90000, payload=b"x" * 100))
@@ -271,6 +274,7 @@ def test_inactivity_resets_a_pair_whose_bytes_stopped():
     moving = eng.register(Pair(Endpoint(CLIENT, 40001), Endpoint(PA, 8080), Endpoint(PB, 61001),
                                Endpoint(SERVER, 8000)), now=0.0)
     eng.splice(moving, A, B)
+    eng.injected.clear()
     for t in range(1, 9):
         clock[0] = float(t)
         zero = P.build(CLIENT, PA, 40000, 8080, 5000, 1000, P.ACK, window=0)
@@ -303,8 +307,63 @@ def test_tsvals_learnt_from_the_first_packets_after_the_splice():
     assert valid(out)[TCP].options[2][1] == (3_000_000_001, 0)
     pkt = P.build(SERVER, PB, 8000, 61000, 70000, 90002, P.ACK, options=ts(9_000, 3_000_000_001))
     _d, out = run(eng, pkt)
-    assert valid(out)[TCP].options[2][1] == (777_001, 42)      # TSecr back in the client's clock
+    assert valid(out)[TCP].options[2][1] == (777_001, 42)   # TSecr back in the client's clock
     assert _ops(eng)[-1] == (pair.id, ((None, None, False), (None, None, False)))   # the program's now
     pkt = P.build(CLIENT, PA, 40000, 8080, 5002, 1000, P.ACK, options=ts(50, 777_001))
     _d, out = run(eng, pkt)
     assert valid(out)[TCP].options[2][1] == (3_000_000_009, 9_000)
+
+
+def test_splice_tells_the_origin_the_window_is_open():
+    """The hand-off waited for the client's last ACK, so no client packet may follow
+    soon; an origin that filled B's window must hear at once that the client's window
+    is open, as from socket B (not after its persist timer)."""
+    eng = Engine()
+    a = SocketState(snd_seq=1000, rcv_seq=5000, snd_wscale=7, rcv_wscale=7, timestamps=True, ts_now=500,
+                    window=(1000, 3 << 20, 3 << 20, 65535, 5000))
+    b = SocketState(snd_seq=90000, rcv_seq=70000, snd_wscale=7, rcv_wscale=9, timestamps=True, ts_now=9000)
+    pair = eng.register(Pair(Endpoint(CLIENT, 40000), Endpoint(PA, 8080), Endpoint(PB, 61000),
+                             Endpoint(SERVER, 8000)), now=0.0)
+    pair.tsval = [111, 222]
+    eng.splice(pair, a, b)
+    (wu,) = [valid(p) for p in eng.injected]
+    assert (wu.src, wu.dst, wu[TCP].sport, wu[TCP].dport) == ("198.18.2.1", "198.18.2.2", 61000, 8000)
+    assert (wu[TCP].seq, wu[TCP].ack, wu[TCP].flags) == (90000, 70000, 0x10)
+    assert wu[TCP].window == (3 << 20) >> 9                     # the client's, in B's scale
+    assert dict(wu[TCP].options)["Timestamp"] == (9001, 222)
+
+
+def test_next_request_on_the_last_ack_is_kept_for_the_resume():
+    """The client's next request often rides on the segment that acknowledges the
+    response's last byte.  The splice cuts it (the origin gets the ACK), and a whole
+    copy is kept and sent again to the rebuilt socket at the resume."""
+    eng = Engine()
+    pair = new_pair(eng, limits=(0, 100), resume=True)
+    run(eng, from_server(70000, 90000, payload=b"m" * 100))
+    d, out = run(eng, from_client(5000, 1100, flags=P.ACK | P.PSH, payload=b"GET /next HTTP/1.1\r\n\r\n"))
+    assert d == Decision.MANGLE and not valid(out)[TCP].payload          # the ACK went on
+    assert pair.resuming and eng.counters["held.next_message"] == 1
+    eng.resume_numbers(pair)
+    (handle, decision, buf), = eng.finish_resume(pair)
+    assert handle is None and decision == Decision.ACCEPT                 # sent again, whole
+    ip = valid(buf)
+    assert (ip.dst, ip[TCP].dport, ip[TCP].seq) == ("198.18.1.1", 8080, 5000)
+    assert bytes(ip[TCP].payload) == b"GET /next HTTP/1.1\r\n\r\n"
+
+
+def test_offset_from_the_first_held_packet_so_none_goes_back_in_time():
+    """Packets held during the hand-off carry TSvals a few ms apart; the offset maps the
+    first (oldest) to one past the frozen socket's last, so no released packet comes
+    out below what the receiver saw from that socket (PAWS would drop it)."""
+    eng = Engine()
+    a = SocketState(snd_seq=1000, rcv_seq=5000, timestamps=True, ts_now=777_000)
+    b = SocketState(snd_seq=90000, rcv_seq=70000, timestamps=True, ts_now=3_000)
+    pair = eng.register(Pair(Endpoint(CLIENT, 40000), Endpoint(PA, 8080), Endpoint(PB, 61000),
+                             Endpoint(SERVER, 8000)), now=0.0)
+    for i, tsv in enumerate((500, 504)):
+        pkt = P.build(SERVER, PB, 8000, 61000, 70000 + 10 * i, 90000, P.ACK,
+                      options=P.timestamp_option(tsv, 2_999), payload=b"z" * 10)
+        assert run(eng, pkt)[0] == Decision.HOLD
+    released = eng.splice(pair, a, b)
+    tsvals = [valid(buf)[TCP].options[2][1][0] for _h, _d, buf in released]
+    assert tsvals == [777_001, 777_005]

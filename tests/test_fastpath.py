@@ -235,3 +235,21 @@ def test_plain_data_goes_fast_and_exact(fp, tr, seq_, ack, tsval, tsecr, ts, win
     packet.rewrite(TCPView(memoryview(ref)), tr, False)
     assert out[14:] == bytes(ref)
     fp.take(key)
+
+
+def test_handoff_flows_pass_pure_acks_and_keep_the_latest_tsval(fp):
+    """During a hand-off the engine only lets pure ACKs through to the proxy's socket:
+    the program does that itself (unmarked) and keeps the sender's latest TSval for the
+    splice; anything with payload is marked for the queue."""
+    key = CLIENT + LISTEN + struct.pack("!HH", 40005, 8080)
+    fp.put(key, fastpath.flow_value(Translation(SOURCE, ORIGIN, 0, 0), end_seq=None, ack_watch=None,
+                                    ifindex=0, mark=7, fast=False, pass_acks=True))
+    ack = packet.build(CLIENT, LISTEN, 40005, 8080, 1, 2, ACK, options=packet.timestamp_option(4242, 1))
+    rv, out = fp.test_run(ETH + bytes(ack))
+    assert rv == fastpath.TC_ACT_UNSPEC and out[14:] == bytes(ack)
+    data = packet.build(CLIENT, LISTEN, 40005, 8080, 1, 2, ACK | PSH, options=packet.timestamp_option(4250, 1),
+                        payload=b"x")
+    rv, out = fp.test_run(ETH + bytes(data))
+    assert rv == fastpath.TC_ACT_OK and out[14:] == bytes(data)
+    assert fp.get(key).last_tsval == 4250
+    fp.take(key)

@@ -41,10 +41,10 @@ SOURCE = os.path.join(os.path.dirname(__file__), "fastpath.bpf.c")
 
 # struct flow in fastpath.bpf.c (88 bytes); addresses and ports in network order.
 FLOW = struct.Struct("=4s4s2s2sIIIIIIIIIBBBB4xQQQII")
-F_FAST, F_END, F_WATCH, F_FLOOR, F_TAP = 1, 2, 4, 8, 16
+F_FAST, F_END, F_WATCH, F_FLOOR, F_TAP, F_PASS_ACKS = 1, 2, 4, 8, 16, 32
 STAT_NAMES = ("fast_packets", "fast_bytes", "queue_marked", "punt.flags", "punt.options",
               "punt.message_end", "punt.ack_watch", "punt.tsecr_floor", "punt.zero_window",
-              "punt.shape", "redirect_failed", "tap_records", "punt.tap_full")
+              "punt.shape", "redirect_failed", "tap_records", "punt.tap_full", "handoff_acks_passed")
 TAP_RING_SIZE = 64 << 20          # nfs_tap's max_entries
 _TAP_HEAD = struct.Struct("=12sII")   # struct tap_rec: key, seq, len (then the payload)
 _RB_BUSY, _RB_DISCARD = 1 << 31, 1 << 30
@@ -68,6 +68,7 @@ class Progress:
     bytes: int
     last_ns: int          # CLOCK_MONOTONIC, as time.monotonic() * 1e9
     next_seq: int         # highest seq + len forwarded (meaningful when packets > 0)
+    last_tsval: int | None = None   # a hand-off flow's latest TSval seen (None: none)
 
 
 def _bpf(cmd: int, attr: bytes) -> int:
@@ -358,9 +359,10 @@ class TapRing:
 
 
 def flow_value(tr, *, end_seq: int | None, ack_watch: int | None, ifindex: int, mark: int = 0,
-               fast: bool = True, tap: bool = False) -> bytes:
+               fast: bool = True, tap: bool = False, pass_acks: bool = False) -> bytes:
     """The map value for one direction with Translation TR (packet.Translation)."""
     flags = (F_FAST if fast else 0) | (F_TAP if tap else 0) | (F_END if end_seq is not None else 0) \
+        | (F_PASS_ACKS if pass_acks else 0) \
         | (F_WATCH if ack_watch is not None else 0) | (F_FLOOR if tr.tsecr_floor is not None else 0)
     m = 0xFFFFFFFF
     return FLOW.pack(tr.src, tr.dst, struct.pack("!H", tr.sport), struct.pack("!H", tr.dport),
@@ -371,7 +373,8 @@ def flow_value(tr, *, end_seq: int | None, ack_watch: int | None, ifindex: int, 
 
 def _progress(raw: bytes) -> Progress:
     f = FLOW.unpack(raw)
-    return Progress(packets=f[17], bytes=f[18], last_ns=f[19], next_seq=f[20])
+    return Progress(packets=f[17], bytes=f[18], last_ns=f[19], next_seq=f[20],
+                    last_tsval=f[21] if f[16] else None)
 
 
 def _ncpus() -> int:

@@ -22,7 +22,9 @@
  *
  * The per-flow counters (packets, bytes, last packet time, highest sequence seen) are
  * how the engine learns what the fast path did: idle timers, resume numbers, stats.
- * Flows in mode QUEUE are only marked (skb->mark) for the rules and go on.
+ * Flows in mode QUEUE are only marked (skb->mark) for the rules and go on; during a
+ * hand-off (F_PASS_ACKS) pure ACKs are not even marked: the engine would only pass
+ * them on to the proxy's socket, and the proxy's drain waits for them.
  *
  * Checksums: the helpers handle every ip_summed state: with CHECKSUM_PARTIAL (a GSO
  * packet from a local stack over veth) only the pseudo-header part of the change is
@@ -42,6 +44,7 @@
 #define F_WATCH  4   /* ack_watch is set: a translated ack reaching it is punted */
 #define F_FLOOR  8   /* tsecr_floor is set */
 #define F_TAP   16   /* copy the payload into nfs_tap for the engine's tap sinks */
+#define F_PASS_ACKS 32  /* not fast: pure ACKs pass unmarked (a hand-off) */
 #define TAP_MAX 65536
 
 struct flow_key {
@@ -58,17 +61,18 @@ struct flow {
 	__u32 tsecr_floor;
 	__u32 ifindex;          /* egress device; 0: let the stack route it */
 	__u32 mark;             /* skb mark of punted packets and QUEUE flows */
-	__u8 win_in, win_out, flags, pad;
+	__u8 win_in, win_out, flags;
 	/* written by this program */
+	__u8 ts_seen;           /* F_PASS_ACKS flows: last_tsval is set */
 	__u64 packets, bytes, last_ns;
 	__u32 next_seq;         /* highest seq + len forwarded (valid once packets > 0) */
-	__u32 pad2;
+	__u32 last_tsval;       /* F_PASS_ACKS flows: the sender's latest TSval */
 };
 
 enum {
 	S_FAST_PACKETS, S_FAST_BYTES, S_QUEUE_MARKED,
 	P_FLAGS, P_OPTIONS, P_END, P_WATCH, P_FLOOR, P_ZERO_WINDOW, P_SHAPE, P_REDIRECT,
-	S_TAP_RECORDS, P_TAP_FULL,
+	S_TAP_RECORDS, P_TAP_FULL, S_PASSED_ACKS,
 	S_MAX
 };
 
@@ -153,6 +157,22 @@ int nfsplice_fast(struct __sk_buff *skb)
 	if (!f)
 		return TC_ACT_UNSPEC;
 	if (!(f->flags & F_FAST)) {
+		if (f->flags & F_PASS_ACKS && th->doff == 8 && data + TCP_OFF + 32 <= data_end) {
+			/* The splice needs each side's current TSval; the engine no longer
+			 * sees the pure ACKs of a hand-off, so the program keeps it. */
+			__u8 *o = (__u8 *)th + 20;
+			if (o[0] == 1 && o[1] == 1 && o[2] == 8 && o[3] == 10) {
+				f->last_tsval = bpf_ntohl(*(__u32 *)(o + 4));
+				f->ts_seen = 1;
+			}
+		}
+		if (f->flags & F_PASS_ACKS && !(((__u8 *)th)[13] & 0x07) &&
+		    bpf_ntohs(ip->tot_len) == 20 + th->doff * 4) {
+			/* A pure ACK of a pair being handed off: the engine would only let it
+			 * through to the proxy's socket, whose drain waits for it. */
+			count(S_PASSED_ACKS, 1);
+			return TC_ACT_UNSPEC;
+		}
 		count(S_QUEUE_MARKED, 1);
 		skb->mark = f->mark;
 		return TC_ACT_OK;
