@@ -235,6 +235,12 @@ class Engine:
                     # nothing new, and the origin needs it.
                     c["proxy_socket.prefreeze_ack"] += 1
                     return Decision.ACCEPT
+                if v.flags & SYN:
+                    # Not the frozen socket: the listener retransmitting a SYN-ACK
+                    # (a lost handshake ACK) that waited in the queue while the pair
+                    # was spliced.  The client is established; it needs none.
+                    c["dropped.late_synack"] += 1
+                    return Decision.DROP
                 # A frozen proxy socket must be silent; this is the safety net.
                 c["dropped.proxy_socket"] += 1
                 c[f"dropped.proxy_socket.flags_{v.flags:#04x}.len_{min(v.payload_len, 1)}"] += 1
@@ -751,10 +757,13 @@ class Engine:
 
     @staticmethod
     def stream_length(pair: Pair, d: int) -> int | None:
-        """Bytes in direction D from the first byte to the FIN (None: no FIN seen)."""
-        if pair.fin_seq[d] is None or pair.reset and not pair.fin_acked[d]:
-            return None
+        """Bytes in direction D from the first byte to the FIN, or to the message end
+        the receiver acknowledged (a resumed pair); None: no end seen."""
         base_seq, base_off = pair.tap_base[d]
+        if pair.fin_seq[d] is None or pair.reset and not pair.fin_acked[d]:
+            if pair.end_seq[d] is not None and pair.end_acked[d] and not pair.reset:
+                return base_off + seq.diff(pair.end_seq[d], base_seq)
+            return None
         return base_off + seq.diff(pair.fin_seq[d], base_seq)
 
     def stats(self) -> dict:

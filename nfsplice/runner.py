@@ -294,14 +294,22 @@ class Runner:
         with self.lock:
             return self.engine.resume_numbers(pair)
 
+    def _drain_tap_before_forget(self, pair: Pair) -> None:
+        """A tapped pair is about to be forgotten (its sinks closed): what the program
+        copied for it and still waits in the ring goes to the sinks first."""
+        if self.fastpath is not None and self.engine.fast_tap and (pair.tap[C2S] or pair.tap[S2C]):
+            self._drain_tap()
+
     def finish_resume(self, pair: Pair) -> None:
         with self.lock:
+            self._drain_tap_before_forget(pair)
             self._send_all(self.engine.finish_resume(pair))
             if self.engine.fast_ops:
                 self._apply_fast()
 
     def abort(self, pair: Pair, reason: str) -> None:
         with self.lock:
+            self._drain_tap_before_forget(pair)
             self._send_all(self.engine.abort(pair, reason))
             self.engine.forgotten = [p for p in self.engine.forgotten if p is not pair]
             if self.engine.fast_ops:

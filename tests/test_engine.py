@@ -367,3 +367,15 @@ def test_offset_from_the_first_held_packet_so_none_goes_back_in_time():
     released = eng.splice(pair, a, b)
     tsvals = [valid(buf)[TCP].options[2][1][0] for _h, _d, buf in released]
     assert tsvals == [777_001, 777_005]
+
+
+def test_late_synack_of_the_listener_is_not_the_frozen_socket_talking():
+    """With a lost handshake ACK the listener retransmits its SYN-ACK; one that waited
+    in the queue until the pair was spliced is dropped, and not counted against the
+    frozen socket (which must say nothing)."""
+    eng = Engine()
+    new_pair(eng)
+    synack = P.build(PA, CLIENT, 8080, 40000, 999, 4000, P.SYN | P.ACK)
+    d = eng.process(memoryview(bytearray(synack)), hook=HOOK_LOCAL_OUT, now=1.0)
+    assert d == Decision.DROP
+    assert eng.counters["dropped.late_synack"] == 1 and "dropped.proxy_socket" not in eng.counters
