@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := nftables iptables libnetfilter-queue-dev tcpdump iproute2 gcc curl \
 	clang libbpf-dev bpftool haproxy nginx libnginx-mod-stream wrk
 
-.PHONY: setup apt venv lab test unit bench cleanup clean
+.PHONY: setup apt venv cache-tests lab test unit bench cleanup clean
 
-setup: apt venv
+setup: apt venv cache-tests
 
 apt:
 	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
@@ -23,6 +23,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench,netfilterqueue]'
 	touch $@
+
+# The public HTTP cache test suite (npm http-cache-tests, pinned in netns_lab/cache_conformance.py),
+# installed into netns_lab/cache-tests/ (git-ignored); Node.js and npm from Debian when missing.
+cache-tests: venv
+	@if ! command -v npm >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; fi
+	$(PY) -m netns_lab.cache_conformance --install-only
 
 # The lab with a spliced L4 proxy and a transfer through it (see netns_lab/demo.py).
 lab: setup

@@ -90,7 +90,10 @@ def _nfsplice(name: str, *extra: str, note: str) -> Peer:
 PEERS: dict[str, Peer] = {p.name: p for p in (
     Peer("origin", None, note="wrk/curl straight to the origin nginx (the proxy namespace only routes): the reference"),
     _nfsplice("nfsplice", note="nfsplice http, response bodies of 64 KiB or more spliced (default threshold); "
-                               "keep-alive kept across them (sockets rebuilt with TCP_REPAIR)"),
+                               "keep-alive kept across them (sockets rebuilt with TCP_REPAIR); tc-BPF fast path"),
+    _nfsplice("nfsplice-queue", "--fastpath", "off",
+              note="nfsplice http without the fast path: every packet of a spliced pair through the "
+                   "queue, and every packet of the proxy's connections queued (as before the fast path)"),
     _nfsplice("nfsplice-copy", "--no-splice", note="nfsplice http --no-splice: the same proxy copying every byte, "
                                                    "keep-alive on both sides"),
     Peer("haproxy", ("haproxy", "-db", "-f", "{dir}/haproxy.cfg"),

@@ -34,9 +34,26 @@ thread per connection, keep-alive and pipelining; the request path picks the beh
     /half-close/<n>           Content-Length body, shutdown(SHUT_WR), keeps reading until
                               EOF; logs an event "half-close-read" with what it read
     /stall/<n>/<k>/<secs>     Content-Length n, k bytes, sleeps secs, sends the rest
+                              (?cut=1: closes instead of sending the rest)
     /bad/<case>               BAD_CASES[case].raw verbatim, then FIN; /bad lists them
     /extra/<n>                Content-Length n body followed by EXTRA_GARBAGE (100 bytes
                               that look like a response) on the same kept-alive connection
+
+Cache headers (for the cache tests), as query parameters of /len, /chunked, /close,
+/stall, /truncate and /reset (values URL-encoded):
+
+    cc=<value>                Cache-Control: <value>
+    expires=<s>               Expires: now + s (negative: in the past)
+    etag=<tag>                ETag: "<tag>"; a request whose If-None-Match names it gets 304
+    lm=<epoch s>              Last-Modified; If-Modified-Since at or after it gets 304
+                              (ETag first: with both, If-None-Match decides, RFC 9110 13.2.2)
+    vary=<name>               Vary: <name>, and X-Vary-Value: the request's <name> (or -)
+    hdr=<Name: value>         an extra field (repeatable); also sent with a 304
+    fail_after=<k>            after k requests for this exact target, 503 to the next ones
+
+A 304 carries Date, X-Origin-Conn/-Seq, ETag, Last-Modified, Cache-Control, Expires and
+the extra fields: what a cache takes over into its stored response (RFC 9111 4.3.4).
+Each such request is logged like any other, so `requests()` counts what reached the origin.
 
 Any other method than HEAD is served alike; HEAD gets the head only on /len, /chunked,
 /close, /head-only, /204, /304, /echo.  A request carrying "Expect: 100-continue" and a
@@ -601,6 +618,41 @@ class _Conn:
         entry.update(extra)
         self.server.record(entry)
 
+    def cache_fields(self, req: _Request) -> list[tuple[str, str]]:
+        """The fields the query asks for (see the module doc)."""
+        out = []
+        if req.q("cc") is not None:
+            out.append(("Cache-Control", req.q("cc")))
+        if req.q("expires") is not None:
+            out.append(("Expires", email.utils.formatdate(time.time() + float(req.q("expires")), usegmt=True)))
+        if req.q("etag") is not None:
+            out.append(("ETag", f'"{req.q("etag")}"'))
+        if req.q("lm") is not None:
+            out.append(("Last-Modified", email.utils.formatdate(float(req.q("lm")), usegmt=True)))
+        if req.q("vary") is not None:
+            name = req.q("vary")
+            out.append(("Vary", name))
+            out.append(("X-Vary-Value", ", ".join(req.get_all(name.lower())) or "-"))
+        for h in req.query.get("hdr", []):
+            name, _, value = h.partition(":")
+            out.append((name.strip(), value.strip()))
+        return out
+
+    def not_modified(self, req: _Request) -> bool:
+        """If-None-Match names our ETag, or (without If-None-Match) If-Modified-Since is
+        at or after our Last-Modified."""
+        inm = ", ".join(req.get_all("if-none-match"))
+        if inm and req.q("etag") is not None:
+            return inm.strip() == "*" or f'"{req.q("etag")}"' in inm
+        ims = req.get_all("if-modified-since")
+        if not inm and ims and req.q("lm") is not None:
+            try:
+                since = email.utils.parsedate_to_datetime(ims[0]).timestamp()
+            except (TypeError, ValueError):
+                return False
+            return since >= float(req.q("lm"))
+        return False
+
     def handle(self, req: _Request) -> str:
         parts = req.path.strip("/").split("/")
         kind, args = parts[0], parts[1:]
@@ -638,22 +690,32 @@ class _Conn:
         def need(count: int) -> bool:
             return nums is not None and len(nums) == count
 
+        extra = self.cache_fields(req) if kind in ("len", "chunked", "close", "stall", "truncate", "reset") else []
+        limit = req.q("fail_after")
+        if limit is not None and self.server.count(req.target) > int(limit):
+            msg = b"failing on purpose (fail_after)\n"
+            self.send(self.head(req, 503, [("Content-Length", str(len(msg)))], close) + msg)
+            return fin
+        if extra and self.not_modified(req):
+            self.send(self.head(req, 304, [f for f in extra if f[0] != "X-Vary-Value"], close))
+            return fin
+
         if kind == "len" and need(1):
             n = nums[0]
-            h = self.head(req, 200, [("Content-Length", str(n))], close)
+            h = self.head(req, 200, [("Content-Length", str(n))] + extra, close)
             self.send(h) if head_only else self.send_stream(0, n, prefix=h)
             return fin
         if kind == "chunked" and need(2) and nums[1] > 0:
             n, c = nums
             trailer = bool(req.q("trailer"))
-            hdrs = [("Transfer-Encoding", "chunked")] + ([("Trailer", "X-Trailer-SHA256")] if trailer else [])
+            hdrs = [("Transfer-Encoding", "chunked")] + ([("Trailer", "X-Trailer-SHA256")] if trailer else []) + extra
             self.send(self.head(req, 200, hdrs, close))
             if not head_only:
                 last = b"0\r\n" + (f"X-Trailer-SHA256: {stream_sha256(n)}\r\n".encode() if trailer else b"") + b"\r\n"
                 self.send_chunked(n, c, bool(req.q("ext")), last)
             return fin
         if kind == "close" and need(1):
-            h = self.head(req, 200, [], close=not req.q("bare"))
+            h = self.head(req, 200, extra, close=not req.q("bare"))
             self.send(h) if head_only else self.send_stream(0, nums[0], prefix=h)
             return "close"
         if kind == "head-only" and (need(1) or not args):
@@ -697,7 +759,7 @@ class _Conn:
             return "close"
         if kind == "truncate" and need(2) and nums[1] <= nums[0]:
             n, k = nums
-            self.send_stream(0, k, prefix=self.head(req, 200, [("Content-Length", str(n))]))
+            self.send_stream(0, k, prefix=self.head(req, 200, [("Content-Length", str(n))] + extra))
             return "close"
         if kind == "truncate-chunked" and (need(1) or need(2)):
             n, c = nums[0], (nums[1] if len(nums) == 2 else 4096)
@@ -706,7 +768,7 @@ class _Conn:
             return "close"
         if kind == "reset" and need(2) and nums[1] <= nums[0]:
             n, k = nums
-            self.send_stream(0, k, prefix=self.head(req, 200, [("Content-Length", str(n))]))
+            self.send_stream(0, k, prefix=self.head(req, 200, [("Content-Length", str(n))] + extra))
             self.reset()
             return "done"
         if kind == "half-close" and need(1):
@@ -736,8 +798,10 @@ class _Conn:
             except ValueError:
                 n = k = -1
             if 0 <= k <= n:
-                self.send_stream(0, k, prefix=self.head(req, 200, [("Content-Length", str(n))], close))
+                self.send_stream(0, k, prefix=self.head(req, 200, [("Content-Length", str(n))] + extra, close))
                 time.sleep(secs)
+                if req.q("cut"):
+                    return "close"
                 self.send_stream(k, n - k)
                 return fin
         if kind == "bad":
@@ -770,6 +834,13 @@ class ScriptedServer:
         self.lock = threading.Lock()
         self.logf = open(log_path, "a", encoding="utf-8") if log_path else None
         self.ids = itertools.count(1)
+        self.counts: dict[str, int] = {}
+
+    def count(self, target: str) -> int:
+        """How many requests for TARGET (this one included) the origin has had."""
+        with self.lock:
+            self.counts[target] = self.counts.get(target, 0) + 1
+            return self.counts[target]
 
     def record(self, entry: dict) -> None:
         if self.logf is None:

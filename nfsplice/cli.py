@@ -1,4 +1,4 @@
-"""nfsplice command line: tcp, probe, stats, cleanup, replay.
+"""nfsplice command line: tcp, http, cache, probe, stats, cleanup, replay.
 
 Run through ./nfsplice-launch (root, sudo) or `python -m nfsplice` as root.
 """
@@ -91,7 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "(keep it below the origins' own keep-alive timeout)")
     h.add_argument("--down-time", type=float, default=10.0,
                    help="an upstream that refused or timed out on connect is skipped for [%(default)s] s")
+    h.add_argument("--cache-dir", metavar="DIR", help="cache responses (RFC 9111) in DIR: bodies in files, "
+                   "an sqlite index; survives restarts (see `nfsplice cache`)")
+    h.add_argument("--cache-size", type=size, default="1GiB",
+                   help="bodies stored at most; least recently used evicted [%(default)s]")
+    h.add_argument("--cache-heuristic", action="store_true",
+                   help="give responses without explicit freshness but with Last-Modified a heuristic "
+                   "lifetime (RFC 9111 4.2.2): 10%% of their age at arrival, at most a day; off by default")
+    h.add_argument("--purge-from", default="127.0.0.1/32", metavar="NETS",
+                   help="addresses or networks allowed to send PURGE, comma-separated [%(default)s]")
     _engine_options(h)
+
+    k = sub.add_parser("cache", help="list, inspect or purge a cache directory (also while the proxy runs)")
+    ks = k.add_subparsers(dest="action", required=True)
+    for name, what in (("ls", "every stored response"), ("stat", "the stored variants of URL"),
+                       ("purge", "remove URL (through the running proxy when it has the directory)")):
+        a = ks.add_parser(name, help=what)
+        if name != "ls":
+            a.add_argument("url", help="the URL as clients ask for it (http://HOST[:PORT]/PATH)")
+        a.add_argument("--cache-dir", required=True, metavar="DIR", help="the proxy's --cache-dir")
 
     sub.add_parser("probe", help="which kernel features are there and what is missing")
     s = sub.add_parser("stats", help="counters of running (or last) instances")
@@ -124,6 +142,9 @@ def _engine_options(t) -> None:
                    "when clang, bpftool and tc are there, else say why and use the queue only [%(default)s]")
     t.add_argument("--linger", type=float, default=2.0, help="seconds a closed pair is kept [%(default)s]")
     t.add_argument("--idle-timeout", type=float, default=300.0, help="forget idle pairs after [%(default)s] s")
+    t.add_argument("--inactivity-timeout", type=float, default=300.0,
+                   help="reset a spliced pair whose bytes stopped moving for this long, even if packets "
+                   "still pass (a client that reads nothing); 0: never [%(default)s] s")
     t.add_argument("--handoff-timeout", type=float, default=5.0)
     t.add_argument("--max-connections", type=int, default=4096)
     t.add_argument("--instance", help="name for rules and stats [listen address]")
@@ -144,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "http":
             from .service import run_http
             return run_http(args)
+        if args.command == "cache":
+            from .cache.admin import cmd_cache
+            return cmd_cache(args)
         if args.command == "probe":
             from .probe import probe
             return probe()

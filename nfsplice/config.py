@@ -18,6 +18,10 @@ overrides them for its listener.  Only --listen and --upstream cannot go with --
     source = "198.18.2.1"                      # --source
     pool_size = 32                             # --pool-size: idle connections kept per upstream
     down_time = 10                             # --down-time: seconds a failing upstream is skipped
+    cache_dir = "/var/cache/nfsplice/a"        # --cache-dir: cache responses here (RFC 9111)
+    cache_size = "1GiB"                        # --cache-size: bodies stored at most
+    cache_heuristic = false                    # --cache-heuristic: RFC 9111 4.2.2
+    purge_from = ["127.0.0.1/32"]              # --purge-from: who may send PURGE
 
     [listener.timeouts]                        # seconds; key K mirrors --K-timeout
     header = 10
@@ -29,7 +33,8 @@ overrides them for its listener.  Only --listen and --upstream cannot go with --
 Sizes are integers (bytes) or strings with a unit of B, KiB, MiB or GiB (powers of 1024).
 Upstream source-port ranges of two listeners must not overlap: the rules of each
 listener match its range, and a spliced pair is given back to the listener whose range
-holds its upstream port.
+holds its upstream port.  Listeners may share a cache_dir (one store: one cache_size
+and cache_heuristic) or each have their own.
 
 Every mistake is an error that names the file, the line and the key: unknown keys
 (typos must not pass silently), wrong types, bad addresses, a missing `listen`, two
@@ -42,9 +47,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import os
 import re
 import tomllib
 
+from .cache.layer import parse_networks
 from .cli import UsageError, hostport, port_range
 from .proxy.http import Settings
 
@@ -133,6 +140,13 @@ def _upstreams(v, where: str) -> tuple:
     return tuple(out)
 
 
+def _cache_size(v) -> int:
+    n = parse_size(v)
+    if n < 1:
+        raise ValueError(f"expected a size of 1 byte or more, got {v!r}")
+    return n
+
+
 def _max_header_bytes(settings: Settings, n: int) -> dict:
     if n < 1:
         raise ValueError(f"expected 1 or more bytes, got {n}")
@@ -152,6 +166,10 @@ LISTENER_KEYS = {
     "source": lambda s, v, w: {"source": _address(v)},
     "pool_size": lambda s, v, w: {"pool_size": _integer(v, 0)},
     "down_time": lambda s, v, w: {"down_time": _seconds(v, positive=False)},
+    "cache_dir": lambda s, v, w: {"cache_dir": os.path.abspath(_string(v))},
+    "cache_size": lambda s, v, w: {"cache_size": _cache_size(v)},
+    "cache_heuristic": lambda s, v, w: {"cache_heuristic": _bool(v)},
+    "purge_from": lambda s, v, w: {"purge_from": parse_networks(v)},
     "timeouts": None,          # a table, below
 }
 # [listener.timeouts] key -> Timeouts field
@@ -288,6 +306,13 @@ def loads(text: str, defaults: Settings, name: str = "<config>") -> list[Setting
         for j, other in enumerate(out, 1):
             if other.listen == s.listen:
                 fail(here + ("listen",), f"listener[{j}] listens on {s.listen[0]}:{s.listen[1]} already")
+            if s.cache_dir is not None and s.cache_dir == other.cache_dir:
+                if s.cache_size != other.cache_size:
+                    fail(here + ("cache_size",), f"{s.cache_size} bytes, but listener[{j}] uses cache_dir "
+                         f"{s.cache_dir} with {other.cache_size} (a shared cache has one size)")
+                if s.cache_heuristic != other.cache_heuristic:
+                    fail(here + ("cache_heuristic",), f"listener[{j}] uses cache_dir {s.cache_dir} with "
+                         f"cache_heuristic = {str(other.cache_heuristic).lower()} (a shared cache has one)")
             if s.ports[0] <= other.ports[1] and other.ports[0] <= s.ports[1]:
                 fail(here + ("ports",), f"{s.ports[0]}-{s.ports[1]} overlaps listener[{j}]'s "
                      f"{other.ports[0]}-{other.ports[1]} (each listener needs its own source ports)")

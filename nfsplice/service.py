@@ -124,7 +124,8 @@ def run_http(args) -> int:
     what = "; ".join(_describe(s) for s in listeners)
     if not any(s.splice for s in listeners):
         # The baseline: the same proxy copying every byte, no rules, no engine.
-        return _serve_plain(args, HTTPService(listeners), label, what)
+        caches = _open_caches(listeners)
+        return _serve_plain(args, HTTPService(listeners, caches=caches), label, what)
     _need_root("http")
     need: dict[str, str] = {}
     for s in listeners:
@@ -143,7 +144,40 @@ def run_http(args) -> int:
                                                 queue=args.queue, bypass=args.fail_open, queues=args.queues,
                                                 template="http.rules", only_mark=only_mark))
         return rulesets
-    return _serve(args, instance, label, need, make_rules, lambda runner: HTTPService(listeners, runner), what)
+    caches = _open_caches(listeners)
+    try:
+        return _serve(args, instance, label, need, make_rules,
+                      lambda runner: HTTPService(listeners, runner, caches), what)
+    finally:
+        for c in caches.values():       # (HTTPService closes them; not when _serve failed before)
+            c.close()
+
+
+def _open_caches(listeners) -> dict:
+    """The cache of each cache directory the listeners name (one per directory: the
+    listeners naming it share it); a directory that cannot be used is a usage error."""
+    import sqlite3
+    from .cache.layer import Cache
+    from .cache.policy import CacheConfig
+    from .cache.store import StoreBusy
+    caches: dict = {}
+    try:
+        for s in listeners:
+            if s.cache_dir is None or s.cache_dir in caches:
+                continue
+            try:
+                caches[s.cache_dir] = Cache(s.cache_dir, s.cache_size,
+                                            config=CacheConfig(heuristic=s.cache_heuristic))
+            except StoreBusy as e:
+                raise UsageError(f"--cache-dir {s.cache_dir}: {e} (another nfsplice http runs with it; "
+                                 "`nfsplice cache` works alongside)") from None
+            except (OSError, sqlite3.Error, RuntimeError) as e:
+                raise UsageError(f"--cache-dir {s.cache_dir}: cannot open the cache there: {e}") from None
+    except BaseException:
+        for c in caches.values():
+            c.close()
+        raise
+    return caches
 
 
 def _http_defaults(args):
@@ -161,20 +195,31 @@ def _http_defaults(args):
         raise UsageError("--pool-idle-timeout must be more than 0 seconds")
     if args.max_header_bytes < 1:
         raise UsageError("--max-header-bytes must be 1 or more")
+    if args.cache_size < 1:
+        raise UsageError("--cache-size must be 1 byte or more")
+    from .cache.layer import parse_networks
+    try:
+        purge_from = parse_networks(args.purge_from)
+    except ValueError as e:
+        raise UsageError(f"--purge-from: {e}") from None
     return Settings(splice=not args.no_splice, threshold=args.splice_threshold, connect_ports=connect_ports,
                     limits=http1.Limits(max_head_bytes=args.max_header_bytes),
                     timeouts=Timeouts(header=args.header_timeout, idle=args.keepalive_timeout,
                                       connect=args.connect_timeout, response=args.response_timeout,
                                       pool_idle=args.pool_idle_timeout),
                     max_connections=args.max_connections, source=args.source, ports=port_range(args.ports),
-                    pool_size=args.pool_size, down_time=args.down_time)
+                    pool_size=args.pool_size, down_time=args.down_time,
+                    cache_dir=os.path.abspath(args.cache_dir) if args.cache_dir else None,
+                    cache_size=args.cache_size, cache_heuristic=args.cache_heuristic, purge_from=purge_from)
 
 
 def _describe(s) -> str:
     mode = ("reverse proxy for " + ", ".join(f"http://{a}:{p}" for a, p in s.upstreams) if s.upstreams
             else "forward proxy")
     how = f"splicing bodies of {s.threshold}+ bytes" if s.splice else "copying"
-    return f"HTTP {mode} on {s.listen[0]}:{s.listen[1]}, {how}"
+    cache = (f", caching in {s.cache_dir} (at most {s.cache_size} bytes"
+             f"{', heuristic freshness' if s.cache_heuristic else ''})" if s.cache_dir else "")
+    return f"HTTP {mode} on {s.listen[0]}:{s.listen[1]}, {how}{cache}"
 
 
 def _need_root(cmd: str) -> None:
@@ -233,6 +278,8 @@ def _serve(args, instance: str, listen: str, need: dict[str, str], make_rules, m
     """Queue, engine, rules and a proxy; everything taken down again on any exit.
     LISTEN names the listen option in errors; NEED are the sysctls splicing needs;
     MAKE_RULES(only_mark) the rule sets (ONLY_MARK: the fast path marks what to queue)."""
+    if args.inactivity_timeout < 0:
+        raise UsageError("--inactivity-timeout must be 0 (never) or more seconds")
     old_sysctls = check_sysctls(need, args.set_sysctls)
     tap = None
     if args.tap_dir:
@@ -252,7 +299,8 @@ def _serve(args, instance: str, listen: str, need: dict[str, str], make_rules, m
         raise UsageError(str(e)) from None
     backend = backends[0]
     engine = Engine(tap, linger=args.linger, idle_timeout=args.idle_timeout,
-                    handoff_timeout=args.handoff_timeout * 2)
+                    handoff_timeout=args.handoff_timeout * 2,
+                    inactivity_timeout=args.inactivity_timeout or None)
     runner = Runner(backends, engine, instance=instance)
     if args.pairs_log:
         import json

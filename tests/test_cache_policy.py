@@ -273,6 +273,9 @@ class TestStorable:
         assert lookup_allowed(req('If-Match: "a"')).reason == "precondition"
         assert lookup_allowed(req("If-Unmodified-Since: " + DATE0)).reason == "precondition"
         assert lookup_allowed(req(method="OPTIONS", target="*")).reason == "method"
+        # A caller that answers ranges from complete stored responses looks them up.
+        assert lookup_allowed(req("Range: bytes=0-1", 'If-Range: "a"'), ranges=True).ok
+        assert lookup_allowed(req("Range: bytes=0-1", 'If-Match: "a"'), ranges=True).reason == "precondition"
 
     def test_stored_fields(self):
         s = stored(200, "Connection: close, X-Hop", "X-Hop: 1", "Keep-Alive: timeout=5",
@@ -370,6 +373,11 @@ class TestAge:
 
     def test_conflicting_age(self):
         assert current_age(stored(200, "Age: 1", "Age: 2"), T0) == DELTA_MAX
+
+    @pytest.mark.parametrize("lines", [("Age: 0", "Age: 0"), ("Age: 0, 0",), ("Age: 0,7200",)])
+    def test_repeated_age_is_old(self, lines):
+        """Age is a singleton: a list or repeated lines, even equal, are not trusted."""
+        assert current_age(stored(200, *lines), T0) == DELTA_MAX
 
     @given(t_req=st.floats(0, 2e9), delay=st.floats(-100, 1000), date=st.integers(0, 2_100_000_000),
            age=st.one_of(st.none(), st.integers(0, 10**12).map(str), st.text(max_size=6)),
@@ -598,6 +606,15 @@ class TestValidation:
         assert new.values("Date") == [format_http_date(T0 + 500)]
         assert (new.request_time, new.response_time) == (T0 + 499, T0 + 500)
         assert reuse(new, req(), T0 + 550).action == HIT
+
+    def test_freshen_keeps_what_describes_the_stored_bytes(self):
+        """Content-Encoding and Content-MD5 describe the stored body, which a 304 does
+        not resend: they are not taken over (RFC 9111 3.2)."""
+        s = stored(200, 'ETag: "v1"', "Content-Encoding: gzip", "Content-MD5: AAA=", "X-A: 1")
+        new, why = freshen(s, resp(304, 'ETag: "v1"', "Content-Encoding: br", "Content-MD5: BBB=", "X-A: 2"),
+                           T0, T0)
+        assert why == "freshened" and new.values("Content-Encoding") == ["gzip"]
+        assert new.values("Content-MD5") == ["AAA="] and new.values("X-A") == ["2"]
 
     def test_freshen_adds_date(self):
         new, _ = freshen(stored(200, 'ETag: "a"'), resp(304, 'ETag: "a"', date=None), T0 + 9, T0 + 10)

@@ -88,7 +88,12 @@ def raw_rules(lab: Lab) -> str:
 
 
 def nfsplice_lines(lab: Lab) -> list[str]:
-    return [l for l in raw_rules(lab).splitlines() if "NFSPLICE" in l]
+    """nfsplice's iptables rules and fast path tc filters left in the proxy namespace."""
+    lines = [l for l in raw_rules(lab).splitlines() if "NFSPLICE" in l]
+    for dev in (f"{lab.prefix}-p0", f"{lab.prefix}-p1"):
+        out = lab.run(lab.proxy, "tc", "filter", "show", "dev", dev, "ingress", check=False).stdout.decode()
+        lines += [f"{dev}: {l}" for l in out.splitlines() if "nfsplice_fast" in l]
+    return lines
 
 
 def chains_of(lab: Lab, instance: str) -> list[str]:
@@ -167,6 +172,8 @@ BAD_OPTIONS = [
     (["--ports", "10-5"], "--ports"),
     (["--backend", "foo"], "--backend"),
     (["--upstream", "198.18.2.2"], "--upstream"),
+    (["--inactivity-timeout", "-1"], "--inactivity-timeout"),
+    (["--fastpath", "maybe"], "--fastpath"),
 ]
 
 

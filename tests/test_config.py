@@ -89,6 +89,39 @@ def test_full_file(tmp_path):
     assert t.splice_idle == Settings().timeouts.splice_idle
 
 
+def test_cache_keys(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (a, b), _ = load(tmp_path, """\
+        [[listener]]
+        listen = "198.18.1.1:8080"
+        ports = "61000-61099"
+        cache_dir = "cache-a"
+        cache_size = "512MiB"
+        cache_heuristic = true
+        purge_from = ["127.0.0.1", "198.18.1.0/24"]
+        [[listener]]
+        listen = "198.18.1.1:8081"
+        ports = "61100-61199"
+        """)
+    assert a.cache_dir == str(tmp_path / "cache-a") and a.cache_size == 512 << 20    # absolute
+    assert a.cache_heuristic and not b.cache_heuristic
+    assert [str(n) for n in a.purge_from] == ["127.0.0.1/32", "198.18.1.0/24"]
+    assert b.cache_dir is None and b.cache_size == 1 << 30 and [str(n) for n in b.purge_from] == ["127.0.0.1/32"]
+
+
+def test_cache_options_on_the_command_line(tmp_path, capsys):
+    from nfsplice.service import _http_defaults
+    args = cli.build_parser().parse_args(["http", "--cache-dir", str(tmp_path), "--cache-size", "2GiB",
+                                          "--purge-from", "10.0.0.0/8,127.0.0.1"])
+    s = _http_defaults(args)
+    assert s.cache_dir == str(tmp_path) and s.cache_size == 2 << 30 and len(s.purge_from) == 2
+    bad = cli.build_parser().parse_args(["http", "--purge-from", "10.0.0.0/33"])
+    with pytest.raises(cli.UsageError, match=r"--purge-from: '10.0.0.0/33' is not an IPv4 address"):
+        _http_defaults(bad)
+    assert cli.main(["http", "--listen", "198.18.1.1:8080", "--cache-size", "0", "--no-splice"]) == 2
+    assert "--cache-size must be 1 byte or more" in capsys.readouterr().err
+
+
 def test_command_line_values_are_the_defaults(tmp_path):
     defaults = cli.build_parser().parse_args(["http", "--splice-threshold", "2MiB", "--connect-timeout", "9",
                                               "--ports", "63000-63999", "--pool-size", "3"])
@@ -188,6 +221,18 @@ MISTAKES = [
     ('[[listener]]\nlisten = "198.18.1.1:8080"\nports = "61000-61099"\npool_size = 1\n\n[[listener]]\n'
      'listen = "198.18.1.1:8081"\nports = "61100-61199"\npool_size = -1\n', 9,
      "listener[2].pool_size: expected 0 or more, got -1"),
+    ('[[listener]]\nlisten = "198.18.1.1:8080"\ncache_size = 0\n', 3,
+     "listener[1].cache_size: expected a size of 1 byte or more, got 0"),
+    ('[[listener]]\nlisten = "198.18.1.1:8080"\ncache_dir = 5\n', 3,
+     "listener[1].cache_dir: expected a string, got 5"),
+    ('[[listener]]\nlisten = "198.18.1.1:8080"\npurge_from = ["127.0.0.1/32", "localhost"]\n', 3,
+     "listener[1].purge_from: 'localhost' is not an IPv4 address or network like 127.0.0.1/32"),
+    ('[[listener]]\nlisten = "198.18.1.1:8080"\npurge_from = []\n', 3,
+     "listener[1].purge_from: expected addresses or networks like"),
+    ('[[listener]]\nlisten = "198.18.1.1:8080"\nports = "61000-61099"\ncache_dir = "/tmp/c"\n\n'
+     '[[listener]]\nlisten = "198.18.1.1:8081"\nports = "61100-61199"\ncache_dir = "/tmp/c"\n'
+     'cache_size = "1MiB"\n', 10, "listener[2].cache_size: 1048576 bytes, but listener[1] uses cache_dir /tmp/c "
+     "with 1073741824 (a shared cache has one size)"),
     # TOML syntax: tomllib's own line and column.
     ('[[listener]]\nlisten = "198.18.1.1:8080\n', "2:26", "Illegal character"),
     ('[[listener]]\nlisten = "198.18.1.1:8080"\nlisten = "198.18.1.1:8081"\n', "3:27", "Cannot overwrite a value"),

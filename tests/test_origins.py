@@ -320,6 +320,29 @@ def test_stall(lab, so):
 
 
 @pytest.mark.root
+def test_cache_headers_and_conditionals(lab, so):
+    """The query's cache fields; If-None-Match / If-Modified-Since answered 304 with
+    them; fail_after; stall with cut."""
+    q = "/len/100?cc=max-age%3D60&etag=v1&lm=1700000000&vary=X-L&hdr=X-A%3A+1&expires=60"
+    r = O.raw_exchange(lab, [O.request_bytes("GET", q, headers=[("X-L", "en")], close=True)])
+    resp = r.response()
+    assert resp.get("cache-control") == "max-age=60" and resp.get("etag") == '"v1"'
+    assert resp.get("last-modified") == "Tue, 14 Nov 2023 22:13:20 GMT" and resp.get("x-a") == "1"
+    assert resp.get("vary") == "X-L" and resp.get("x-vary-value") == "en" and resp.get("expires")
+    for cond in (("If-None-Match", '"v0", "v1"'), ("If-Modified-Since", "Tue, 14 Nov 2023 22:13:20 GMT")):
+        r = O.raw_exchange(lab, [O.request_bytes("GET", q, headers=[cond], close=True)])
+        resp = r.response()
+        assert resp.status == 304 and resp.get("etag") == '"v1"' and r.data[resp.head_len:] == b"", cond
+    r = O.raw_exchange(lab, [O.request_bytes("GET", q, headers=[("If-None-Match", '"v0"')], close=True)])
+    assert r.response().status == 200
+    statuses = [O.raw_exchange(lab, [O.request_bytes("GET", "/len/5?fail_after=2", close=True)]).response().status
+                for _ in range(3)]
+    assert statuses == [200, 200, 503]
+    r = O.raw_exchange(lab, [O.request_bytes("GET", "/stall/10000/1000/0.2?cut=1", close=True)])
+    assert r.end == "eof" and len(r.data) - r.response().head_len == 1000
+
+
+@pytest.mark.root
 def test_extra_bytes_after_body(lab, so):
     r = O.raw_exchange(lab, [O.request_bytes("GET", "/extra/1000"), ("until", O.EXTRA_GARBAGE),
                              O.request_bytes("GET", "/len/3", close=True)])

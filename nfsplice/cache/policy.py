@@ -30,9 +30,11 @@ Decisions where the RFCs leave a choice (each is also stated where it is made):
     apply, `private` is not stored, Authorization needs public/must-revalidate/s-maxage.
   * Only GET responses are stored; HEAD is answered from a stored GET (RFC 9110 9.3.2).
     The cache key is the normalised effective request URI; the method is implied.
-  * 206 Partial Content is not supported: never stored, and a Range, If-Range, If-Match
-    or If-Unmodified-Since request goes to the origin (`lookup_allowed`); a 200 to a
-    Range request (the origin ignored Range) may be stored.
+  * 206 Partial Content is never stored; a Range or If-Range request goes to the
+    origin unless the caller answers ranges from complete stored responses itself
+    (`lookup_allowed(ranges=True)`, as the proxy does); If-Match and
+    If-Unmodified-Since always go to the origin.  A 200 to a Range request (the origin
+    ignored Range) may be stored.
   * Invalid or conflicting freshness information counts as stale (RFC 9111 4.2.1):
     an s-maxage/max-age/Expires/Age that does not parse, or that occurs twice with
     different values, gives a lifetime of 0 (or an age of 2**31).  In requests the most
@@ -80,7 +82,7 @@ __all__ = [
     "vary_names", "variant", "variant_key", "variant_matches", "normalize_field",
     "validation_request", "freshen", "freshen_with_head", "conditional_hit",
     "hit_fields", "not_modified_fields", "invalidations", "SAFE_METHODS",
-    "HEURISTIC_STATUS", "UNDERSTOOD_STATUS",
+    "HEURISTIC_STATUS", "UNDERSTOOD_STATUS", "ERROR_STATUS",
 ]
 
 Fields = tuple[tuple[str, str], ...]
@@ -106,9 +108,11 @@ _NOT_STORED = frozenset({
     "upgrade", "proxy-authenticate", "proxy-authentication-info", "proxy-authorization",
     "content-length",
 })
-# Not taken over from a 304 or HEAD response (RFC 9111 3.2): the above, and
-# Content-Range, which describes that message only.
-_NOT_UPDATED = _NOT_STORED | {"content-range"}
+# Not taken over from a 304 or HEAD response (RFC 9111 3.2): the above; Content-Range,
+# which describes that message only; and what describes the stored bytes themselves,
+# which a 304 does not resend: Content-Encoding and Content-MD5 ("header fields that
+# the cache's stored response depends upon").
+_NOT_UPDATED = _NOT_STORED | {"content-range", "content-encoding", "content-md5"}
 # What a 304 carries (RFC 9110 15.4.5), Last-Modified only without an ETag.
 _NOT_MODIFIED_FIELDS = ("cache-control", "content-location", "date", "etag", "expires", "vary")
 # Request fields compared case-insensitively when matching variants (RFC 9111 4.1):
@@ -516,16 +520,17 @@ def storable(req: Request, resp: Response, config: CacheConfig = DEFAULT_CONFIG)
     return Verdict(False, "not-cacheable")
 
 
-def lookup_allowed(req: Request) -> Verdict:
+def lookup_allowed(req: Request, *, ranges: bool = False) -> Verdict:
     """May the cache answer `req` at all (else: forward it, RFC 9111 4, 4.3.2)?
 
     "method": not GET/HEAD (so never CONNECT or "*");
-    "range": Range or If-Range (206 is not supported here); "precondition": If-Match
+    "range": Range or If-Range, unless `ranges` says the caller answers ranges from
+    complete stored responses itself (206 is never stored); "precondition": If-Match
     or If-Unmodified-Since, which only the origin can evaluate (4.3.2).
     """
     if req.method not in ("GET", "HEAD"):
         return Verdict(False, "method")
-    if _get(req.fields, "Range") or _get(req.fields, "If-Range"):
+    if not ranges and (_get(req.fields, "Range") or _get(req.fields, "If-Range")):
         return Verdict(False, "range")
     if _get(req.fields, "If-Match") or _get(req.fields, "If-Unmodified-Since"):
         return Verdict(False, "precondition")
@@ -638,11 +643,13 @@ def freshness_lifetime(stored: StoredResponse,
 
 
 def _age_value(stored: StoredResponse) -> int:
-    """The Age field (RFC 9111 5.1): 0 if absent; invalid or conflicting: 2**31 (stale)."""
+    """The Age field (RFC 9111 5.1): 0 if absent.  Age is a singleton: a value that is
+    not delta-seconds, a list, or several field lines (even with equal values: a
+    sender that repeats it is not to be trusted) count as 2**31, stale."""
     vals = stored.values("Age")
     if not vals:
         return 0
-    if len(set(vals)) > 1 or not _DIGITS.fullmatch(vals[0]):
+    if len(vals) > 1 or not _DIGITS.fullmatch(vals[0]):
         return DELTA_MAX
     return min(int(vals[0]), DELTA_MAX)
 

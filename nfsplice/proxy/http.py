@@ -22,15 +22,27 @@ Upstream connections are not tied to a client connection: after a complete excha
 reverse proxy's upstreams are taken in round robin (`Upstreams`); one that refuses or
 times out on connect is skipped for a while, and the request goes to the next one.
 
+With a cache (--cache-dir, `nfsplice.cache`), GET and HEAD are looked up first (RFC
+9111, the rules in `cache.policy`): a usable stored response is answered from the
+store (head from the index, body with sendfile(2)), a stale one is validated with the
+origin, concurrent misses for one key make one origin request and the others follow
+the growing object, and what the origin sends is stored while it is forwarded: a
+copied body from the proxy's buffer, a spliced one from the engine's tap
+(`Pair.tap`).  Requests the cache cannot answer go to the origin untouched; unsafe
+methods invalidate.  See "the cache" below.
+
 One `HTTPProxy` per listen address; `HTTPService` runs several in one process on one
 runner.  One thread per client connection, blocking sockets with timeouts.  Every
 request gets one access-log line: client, method, target, status, bytes in/out,
-spliced|copied, cache status (- for now), upstream address, upstream and total
-milliseconds.
+spliced|copied, cache status (cache=hit|miss|revalidated|stale|collapsed|bypass|purge,
+- without a cache), upstream address, upstream and total milliseconds.
 """
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import logging
+import os
 import select
 import socket
 import threading
@@ -38,7 +50,9 @@ import time
 from dataclasses import dataclass, field
 
 from .. import handoff
-from ..engine import QUEUE_MARK, Endpoint, Pair
+from ..cache import layer, policy
+from ..cache.store import ABORTED, COMMITTED
+from ..engine import QUEUE_MARK, S2C, Endpoint, Pair
 from . import common, http1
 from .http1 import HTTPError, UpstreamError
 
@@ -79,6 +93,10 @@ class Settings:
     ports: tuple[int, int] = (61000, 62999)
     pool_size: int = 32            # idle upstream connections kept per upstream address
     down_time: float = 10.0        # an upstream that failed to connect is skipped this long
+    cache_dir: str | None = None   # the cache's store (None: no cache)
+    cache_size: int = 1 << 30      # bodies stored at most (least recently used evicted)
+    cache_heuristic: bool = False  # heuristic freshness (RFC 9111 4.2.2) when configured
+    purge_from: tuple = (ipaddress.IPv4Network("127.0.0.1/32"),)   # who may send PURGE
 
 
 class _Closed(Exception):
@@ -143,6 +161,7 @@ class Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     mode: str = "copied"
+    cache: str = "-"
     upstream: str = "-"
     upstream_ms: float = 0.0
     started: float = field(default_factory=time.monotonic)
@@ -150,7 +169,7 @@ class Exchange:
     def line(self) -> str:
         total = (time.monotonic() - self.started) * 1000
         return (f"{self.client} {self.method} {self.target} {self.status} {self.bytes_in} {self.bytes_out} "
-                f"{self.mode} cache=- upstream={self.upstream} upstream_ms={self.upstream_ms:.1f} "
+                f"{self.mode} cache={self.cache} upstream={self.upstream} upstream_ms={self.upstream_ms:.1f} "
                 f"total_ms={total:.1f}")
 
 
@@ -288,9 +307,10 @@ class ConnPool:
 class HTTPProxy:
     """One listener: its listen socket, upstreams, source ports and idle connections."""
 
-    def __init__(self, settings: Settings, runner=None, counters=None):
+    def __init__(self, settings: Settings, runner=None, counters=None, cache: layer.Cache | None = None):
         self.s = settings
         self.runner = runner
+        self.cache = cache
         self.counters = counters if counters is not None else _Counters()
         self.slots = threading.BoundedSemaphore(settings.max_connections)
         self.lsock: socket.socket | None = None
@@ -298,6 +318,9 @@ class HTTPProxy:
         self.conns = ConnPool(settings.pool_size, settings.timeouts.pool_idle, self._drop, self.counters)
         self.upstreams = (Upstreams(settings.upstreams, settings.down_time, self.counters)
                           if settings.upstreams else None)
+        # A caching reverse proxy is a surrogate (W3C Edge Architecture): it announces
+        # itself with Surrogate-Capability and obeys Surrogate-Control meant for it.
+        self.surrogate = settings.via.split(":")[0] if cache is not None and self.upstreams else None
         self.waiters: dict[int, threading.Event] = {}
 
     # -- listening -------------------------------------------------------------------------
@@ -380,15 +403,23 @@ class HTTPProxy:
                 self.slots.release()
 
     def _forward(self, client: Conn, req: http1.Request, ex: Exchange, client_ip: str) -> tuple[bool, bool]:
-        """REQ to an upstream and its response back.  The upstream connection goes back
-        to the pool after a complete exchange, to the engine with a splice that does
-        not resume, and is closed otherwise.  Returns (keep the client connection,
-        handed off)."""
+        """Answer REQ: from the cache when there is one and it can (`_cached`), else
+        from an upstream (`_fetch`).  Returns (keep the client connection, handed off)."""
+        if self.cache is None:
+            return self._fetch(client, req, ex, client_ip)
+        return self._cached(client, req, ex, client_ip)
+
+    def _fetch(self, client: Conn, req: http1.Request, ex: Exchange, client_ip: str,
+               lk: _Lookup | None = None) -> tuple[bool, bool]:
+        """REQ to an upstream and its response back (LK: what the cache wants from it).
+        The upstream connection goes back to the pool after a complete exchange, to the
+        engine with a splice that does not resume, and is closed otherwise.  Returns
+        (keep the client connection, handed off)."""
         while True:
             up, addr = self._upstream(req)
             ex.upstream = f"{addr[0]}:{addr[1]}"
             try:
-                keep, handed, reuse = self._exchange(client, up, req, ex, client_ip)
+                keep, handed, reuse = self._exchange(client, up, req, ex, client_ip, lk)
             except _Stale:
                 self.counters["http.pool_stale_retries"] += 1
                 self._drop(up)
@@ -401,6 +432,292 @@ class HTTPProxy:
             elif not handed:
                 self._drop(up)
             return keep, handed
+
+    # -- the cache (RFC 9111) ---------------------------------------------------------------------
+    def _cached(self, client: Conn, req: http1.Request, ex: Exchange, client_ip: str) -> tuple[bool, bool]:
+        """REQ with a cache: PURGE; a request the cache cannot answer goes to the origin
+        untouched (an unsafe method invalidates what its success names; a GET with a
+        body or an upgrade is not the cache's either: its body would be left unread, its
+        protocol switch answered with a stored page); else a stored response is reused
+        or validated (`_stored`), or it is a miss (`_miss`)."""
+        if req.method == "PURGE":
+            return self._purge(client, req, ex, client_ip), False
+        key = self.cache.key(req)
+        if (key is None or req.body_framing() != ("none",) or http1.is_upgrade(req)
+                or not policy.lookup_allowed(req, ranges=True)):
+            ex.cache = "bypass"
+            self.counters["cache.bypass"] += 1
+            return self._fetch(client, req, ex, client_ip, _Lookup(self, req, key, "bypass"))
+        entry = self.cache.lookup(key, req)
+        if entry is not None:
+            with entry:
+                return self._stored(client, req, ex, client_ip, key, entry)
+        return self._miss(client, req, ex, client_ip, key)
+
+    def _stored(self, client: Conn, req: http1.Request, ex: Exchange, client_ip: str, key: str,
+                entry) -> tuple[bool, bool]:
+        """A stored response selected for REQ: served when fresh or allowed stale (RFC
+        9111 4.2, 4.2.4; stale-while-revalidate also starts a background validation,
+        RFC 5861 3), validated with the origin otherwise (4.3), 504 for only-if-cached."""
+        stored = policy.StoredResponse.from_meta(entry.meta)
+        r = policy.reuse(self._view(stored), req, time.time(), self.cache.config)
+        if r.action == policy.GATEWAY_TIMEOUT:
+            return self._gateway_timeout(client, ex)
+        if not r.serve:
+            return self._validate(client, req, ex, client_ip, key, entry, stored, r)
+        if r.action == policy.HIT:
+            ex.cache = "hit"
+            self.counters["cache.hits"] += 1
+            status = self._status(hit=True, ttl=r.lifetime - r.age)
+        else:
+            ex.cache = "stale"
+            self.counters["cache.stale"] += 1
+            status = self._status(hit=True, ttl=r.lifetime - r.age, detail=r.reason)
+            if r.action == policy.STALE_REVALIDATE:
+                self._revalidate_later(key, req, stored, entry, client_ip)
+        return self._serve(client, req, ex, stored, entry.fd, entry.size, status), False
+
+    def _validate(self, client: Conn, req: http1.Request, ex: Exchange, client_ip: str, key: str,
+                  entry, stored: policy.StoredResponse, r: policy.Reuse) -> tuple[bool, bool]:
+        """Ask the origin whether STORED is still good (RFC 9111 4.3.1): a 304 freshens
+        it and the client is answered from it; a new response is forwarded and stored
+        instead; an error (or no answer) lets a stale response be served where RFC 5861
+        4 and 9111 4.2.4 allow it."""
+        fwd = "request" if r.reason in ("no-cache-request", "max-age-request", "min-fresh") else "stale"
+        lk = _Lookup(self, req, key, "validate", stored=stored, entry=entry, fwd=fwd,
+                     request=policy.validation_request(req, stored))
+        ex.cache = "miss"
+        try:
+            keep, handed = self._fetch(client, req, ex, client_ip, lk)
+        except (_Upstream, UpstreamError) as e:
+            if ex.status != 0:
+                raise
+            s = policy.stale_on_error(self._view(stored), req, time.time(), None, self.cache.config)
+            if s.action != policy.STALE:
+                raise
+            self.counters["http.upstream_errors"] += 1
+            log.warning("%s %s: %s; serving the stale stored response (%s)", ex.client, req.target,
+                        getattr(e, "reason", e), s.reason)
+            ex.cache = "stale"
+            self.counters["cache.stale"] += 1
+            status = self._status(fwd=fwd, detail=s.reason)
+            return self._serve(client, req, ex, stored, entry.fd, entry.size, status), False
+        if lk.absorbed is None:
+            self.counters["cache.misses"] += 1
+            return keep, handed
+        if lk.absorbed.status == 304:
+            ex.cache = "revalidated"
+            status = self._status(fwd=fwd, fwd_status=304,
+                                  detail=None if lk.outcome == "revalidated" else lk.outcome)
+        else:
+            ex.cache = "stale"
+            self.counters["cache.stale"] += 1
+            status = self._status(fwd=fwd, fwd_status=lk.absorbed.status, detail=lk.outcome)
+        return self._serve(client, req, ex, lk.stored, entry.fd, entry.size, status), False
+
+    def _miss(self, client: Conn, req: http1.Request, ex: Exchange, client_ip: str, key: str) -> tuple[bool, bool]:
+        """Nothing stored for REQ.  Collapsed forwarding: while another request for KEY
+        is on its way to the origin, wait until its response head decided whether it
+        is stored, then follow the object as it grows (`_follow`); otherwise this
+        request fetches and leads (a GET; HEAD and Range requests never lead)."""
+        if policy.miss(req).action == policy.GATEWAY_TIMEOUT:
+            return self._gateway_timeout(client, ex)
+        leader = False
+        if not req.values("Range"):
+            deadline = time.monotonic() + self.s.timeouts.response
+            while True:
+                w = self.cache.follow(key, req)
+                if w is not None:
+                    got = self._follow(client, req, ex, client_ip, key, w)
+                    if got is not None:
+                        return got
+                    break
+                if req.method != "GET":
+                    break
+                ev = self.cache.lead(key)
+                if ev is None:
+                    leader = True
+                    break
+                if not ev.wait(max(0.0, deadline - time.monotonic())):
+                    break                      # the leader is slow: go on our own
+                entry = self.cache.lookup(key, req)
+                if entry is not None:
+                    with entry:
+                        return self._stored(client, req, ex, client_ip, key, entry)
+        ex.cache = "miss"
+        self.counters["cache.misses"] += 1
+        lk = _Lookup(self, req, key, "miss", leader=leader)
+        try:
+            return self._fetch(client, req, ex, client_ip, lk)
+        finally:
+            if lk.leader:                      # (the response head never came)
+                self.cache.release(key)
+
+    def _follow(self, client: Conn, req: http1.Request, ex: Exchange, client_ip: str, key: str,
+                w) -> tuple[bool, bool] | None:
+        """Serve REQ from the body W is still storing, as its bytes arrive.  None when
+        W cannot answer REQ (it needs validation, or W was given up before we began):
+        the caller goes to the origin.  A body of unknown length (chunked, until close)
+        is served once it is complete.  If W is given up midway, the client's
+        connection is reset: it never sees a complete-looking response."""
+        stored = policy.StoredResponse.from_meta(w.meta)
+        if not policy.reuse(self._view(stored), req, time.time(), self.cache.config).serve:
+            return None
+        if w.length is None:
+            w.wait(1 << 62, self.s.timeouts.response)
+            entry = self.cache.lookup(key, req) if w.state == COMMITTED else None
+            if entry is None:
+                return None
+            with entry:
+                return self._stored(client, req, ex, client_ip, key, entry)
+        fd = w.open_body()
+        if fd is None:
+            return None
+        try:
+            if w.contiguous >= w.length:
+                # Complete, only not yet in the index (the writer thread commits it any
+                # moment): nothing is forwarded for this request, it is a plain hit.
+                r = policy.reuse(self._view(stored), req, time.time(), self.cache.config)
+                ex.cache = "hit"
+                self.counters["cache.hits"] += 1
+                status = self._status(hit=True, ttl=r.lifetime - r.age)
+            else:
+                ex.cache = "collapsed"
+                self.counters["cache.collapsed"] += 1
+                status = self._status(fwd="miss", collapsed=True)
+            return self._serve(client, req, ex, stored, fd, w.length, status, growing=w), False
+        finally:
+            os.close(fd)
+
+    def _serve(self, client: Conn, req: http1.Request, ex: Exchange, stored: policy.StoredResponse,
+               fd: int, length: int, status: str, growing=None) -> bool:
+        """Answer REQ from the cache: 304 to the client's own matching conditional
+        (RFC 9111 4.3.2), else the stored response with Age and Date (4, 5.1): head
+        only for HEAD (RFC 9110 9.3.2), one byte range as 206 or 416 for a GET with a
+        satisfiable or unsatisfiable Range (RFC 9110 14, 15.3.7, 15.5.17; several
+        ranges get the whole).  The body goes from FD with sendfile(2); GROWING is
+        the Writer still storing it.  Returns whether the client connection is kept."""
+        now = time.time()
+        keep = http1.keep_alive(req)
+        span = None
+        if policy.conditional_hit(stored, req):
+            code, reason, fields = 304, "Not Modified", policy.not_modified_fields(stored, now)
+        else:
+            code, reason = stored.status, stored.reason
+            fields = policy.hit_fields(stored, now, length)
+            span = (0, length)
+            ranges = req.values("Range")
+            if_range = req.values("If-Range")
+            if (ranges and req.method == "GET" and stored.status == 200
+                    and (not if_range or layer.if_range_matches(stored, if_range[0]))):
+                rng = layer.parse_range(", ".join(ranges), length)
+                if rng == "unsatisfiable":
+                    code, reason, span = 416, "Range Not Satisfiable", None
+                    fields = _without(fields, "content-length") + (
+                        ("Content-Range", f"bytes */{length}"), ("Content-Length", "0"))
+                elif rng is not None:
+                    a, b = rng
+                    code, reason, span = 206, "Partial Content", (a, b + 1)
+                    fields = _without(fields, "content-length") + (
+                        ("Content-Range", f"bytes {a}-{b}/{length}"), ("Content-Length", str(b - a + 1)))
+        if self.surrogate is not None:
+            fields = layer.strip_surrogate(fields)
+        head = layer.response_head(code, reason, fields, via=self.s.via, status_value=status, close=not keep)
+        ex.status = code
+        client.send(head)
+        ex.bytes_out += len(head)
+        if span is not None and req.method != "HEAD" and stored.status != 204 and span[1] > span[0]:
+            ex.bytes_out += self._send_body(client, fd, span[0], span[1], growing)
+        return keep
+
+    def _send_body(self, client: Conn, fd: int, start: int, end: int, growing) -> int:
+        """Bytes [START, END) of FD with sendfile(2); with GROWING (a Writer), each as
+        soon as it is stored.  Raises _Upstream when GROWING stops short of END."""
+        timeout = self.s.timeouts.response
+        pos = start
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            while pos < end:
+                avail = end
+                if growing is not None:
+                    have = growing.wait(pos + 1, timeout)
+                    if have <= pos:
+                        why = growing.error if growing.state == ABORTED else f"nothing new for {timeout:g} s"
+                        raise _Upstream(502, f"the body being stored stopped at {have} of "
+                                        f"{growing.length} bytes ({why})")
+                    avail = min(have, end)
+                client.sock.settimeout(timeout)
+                try:
+                    n = client.sock.sendfile(f, pos, avail - pos)
+                except OSError as e:
+                    raise _Closed(f"{client.name}: {e.strerror or e}") from None
+                if n <= 0:
+                    raise _Upstream(502, f"the stored body ended at {pos} of {end} bytes")
+                pos += n
+        return end - start
+
+    def _gateway_timeout(self, client: Conn, ex: Exchange) -> tuple[bool, bool]:
+        """only-if-cached and nothing usable stored (RFC 9111 5.2.1.7)."""
+        ex.cache = "miss"
+        self.counters["cache.misses"] += 1
+        self._refuse(client, ex, 504, "only-if-cached: no usable stored response")
+        return False, False
+
+    def _purge(self, client: Conn, req: http1.Request, ex: Exchange, client_ip: str) -> bool:
+        """PURGE: remove every stored variant of the target (and keep bodies still
+        filling from being committed).  Only from --purge-from addresses: 403 else.
+        200 when something was removed, 404 when nothing was stored."""
+        ex.cache = "purge"
+        if not any(ipaddress.IPv4Address(client_ip) in net for net in self.s.purge_from):
+            self._refuse(client, ex, 403, f"PURGE is not allowed from {client_ip} (see --purge-from)")
+            return False
+        uri = policy.effective_uri(req)
+        if uri is None:
+            self._refuse(client, ex, 400, "PURGE needs a target URI with a host")
+            return False
+        n = self.cache.purge(uri)
+        self.counters["cache.purges"] += 1
+        body = (f"purged {uri}: {n} stored response(s)\n" if n else f"{uri} is not in the cache\n").encode()
+        keep = http1.keep_alive(req) and req.body_framing() == ("none",)
+        code, reason = (200, "OK") if n else (404, "Not Found")
+        head = (f"HTTP/1.1 {code} {reason}\r\nDate: {policy.format_http_date(time.time())}\r\n"
+                f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+                + ("" if keep else "Connection: close\r\n") + "\r\n").encode()
+        ex.status = code
+        client.send(head + body)
+        ex.bytes_out += len(head) + len(body)
+        return keep
+
+    def _revalidate_later(self, key: str, req: http1.Request, stored: policy.StoredResponse, entry,
+                          client_ip: str) -> None:
+        """stale-while-revalidate (RFC 5861 3): the stale response was served; a GET
+        validates it in the background, one per key at a time."""
+        if not self.cache.start_revalidation(key):
+            return
+        get = dataclasses.replace(req, method="GET", fields=tuple(
+            (n, v) for n, v in req.fields if n.lower() not in ("range", "if-range")))
+        threading.Thread(target=self._revalidate, args=(key, get, stored, entry, client_ip),
+                         name="cache-revalidate", daemon=True).start()
+
+    def _revalidate(self, key: str, req: http1.Request, stored: policy.StoredResponse, entry,
+                    client_ip: str) -> None:
+        ex = Exchange(f"{client_ip}:-", method=req.method, target=req.target)
+        lk = _Lookup(self, req, key, "validate", stored=stored, entry=entry, fwd="stale",
+                     request=policy.validation_request(req, stored), background=True)
+        try:
+            self._fetch(_Discard(), req, ex, client_ip, lk)
+            ex.cache = "revalidated" if lk.absorbed is not None and lk.absorbed.status == 304 else "miss"
+            access.info(ex.line() + " (background revalidation)")
+        except (_Closed, _Upstream, http1.PeerError) as e:
+            log.info("background revalidation of %s failed: %s", key, e)
+        finally:
+            self.cache.end_revalidation(key)
+
+    def _status(self, **kw) -> str:
+        return layer.cache_status(self.s.via, **kw)
+
+    def _view(self, msg):
+        """MSG as this cache decides on it (Surrogate-Control, `layer.surrogate_view`)."""
+        return layer.surrogate_view(msg, self.surrogate)
 
     def _read_request(self, client: Conn, first: bool) -> http1.Request:
         wait = self.s.timeouts.header if first else self.s.timeouts.idle
@@ -500,13 +817,22 @@ class HTTPProxy:
 
     # -- a request and its response ----------------------------------------------------------
     def _exchange(self, client: Conn, up: Conn, req: http1.Request, ex: Exchange,
-                  client_ip: str) -> tuple[bool, bool, bool]:
+                  client_ip: str, lk: _Lookup | None = None) -> tuple[bool, bool, bool]:
         """Forward REQ on UP and its response back.  Returns (keep the client connection,
         handed off, UP may carry another exchange).  Raises _Stale when UP came from the
-        pool and closed before answering a request that may be sent again."""
+        pool and closed before answering a request that may be sent again.
+
+        With LK (the cache): the head sent is LK.request when it has one (a validation
+        request), the response head goes to `LK.on_head` first, which may keep it from
+        the client (LK.absorbed: the cache answers instead) or start storing its body
+        (LK.fill: fed what is copied, or the pair's tap when the body is spliced)."""
         t0 = time.monotonic()
-        head = http1.forwarding_head(req, via=self.s.via, client_addr=client_ip,
+        sent_at = time.time()
+        out = req if lk is None or lk.request is None else lk.request
+        head = http1.forwarding_head(out, via=self.s.via, client_addr=client_ip,
                                      reverse=self.upstreams is not None, upgrade_allowed=True)
+        if lk is not None and lk.kind != "bypass" and self.surrogate is not None:
+            head = head[:-2] + f"Surrogate-Capability: {layer.surrogate_capability(self.surrogate)}\r\n\r\n".encode()
         framing = req.body_framing()
         retry = up.reused and framing == ("none",) and req.method in IDEMPOTENT
         try:
@@ -542,7 +868,13 @@ class HTTPProxy:
         reusable = http1.keep_alive(resp) and req.version == "HTTP/1.1" and framing != ("unread",)
         if resp.status == 101 and not http1.is_upgrade(req):
             raise UpstreamError("101 Switching Protocols to a request that did not ask to upgrade")
-        splice = (self.runner is not None and self.s.splice and
+        if lk is not None and lk.on_head(resp, rframing, sent_at, time.time()):
+            # The cache answers instead (a 304 to our validation, stale on error): a
+            # response with a body is not read, so its connection is not reused.
+            ex.status = 0
+            keep = http1.keep_alive(req) and framing != ("unread",)
+            return keep, False, reusable and rframing == ("none",) and self._clean(up)
+        splice = (self.runner is not None and self.s.splice and (lk is None or not lk.background) and
                   (rframing[0] in ("close", "tunnel") or
                    rframing[0] == "length" and rframing[1] >= self.s.threshold))
         # A body of known length is spliced and the connections taken back after it
@@ -551,26 +883,55 @@ class HTTPProxy:
         if rframing[0] == "tunnel":
             client.send(http1.forwarding_head(resp, via=self.s.via, upgrade_allowed=True))
             return False, self._tunnel(client, up, ex), False
+        if lk is not None and self.surrogate is not None:
+            resp = dataclasses.replace(resp, fields=layer.strip_surrogate(resp.fields))
         out_head = http1.forwarding_head(resp, via=self.s.via, close=(splice and not resume) or not keep)
+        if lk is not None:      # RFC 9211: our member after those of caches nearer the origin
+            out_head = out_head[:-2] + f"Cache-Status: {lk.status}\r\n\r\n".encode("latin-1")
         client.send(out_head)
         ex.bytes_out += len(out_head)
+        fill = lk.fill if lk is not None else None
+        try:
+            return self._response_body(client, up, ex, rframing, splice, resume, keep, reusable, fill)
+        except BaseException:
+            if fill is not None:
+                fill.abort("the response failed")
+            raise
+
+    def _response_body(self, client: Conn, up: Conn, ex: Exchange, rframing, splice: bool, resume: bool,
+                       keep: bool, reusable: bool, fill: layer.Fill | None) -> tuple[bool, bool, bool]:
+        """The response body after its head: spliced or copied, and into FILL when the
+        cache stores it.  Returns as `_exchange`."""
         if rframing[0] == "none":
+            if fill is not None:
+                fill.finish(0)
             return keep, False, reusable and self._clean(up)
         if splice:
             remaining = rframing[1] if rframing[0] == "length" else None
-            result = self._splice_response(client, up, ex, remaining, resume)
+            result = self._splice_response(client, up, ex, remaining, resume, fill)
             if result == "resumed":
+                _settle(fill)
                 return keep, False, reusable
             if result == "copied":     # the whole body had arrived with the head
+                _settle(fill)
                 return keep and resume, False, reusable and self._clean(up)
             return False, result, False
+        tee = _BodyTee(fill, rframing[0] == "chunked", self.s.limits) if fill is not None else None
         if rframing[0] == "length":
-            ex.bytes_out += self._copy_length(up, client, rframing[1], self.s.timeouts.response, upstream=True)
+            ex.bytes_out += self._copy_length(up, client, rframing[1], self.s.timeouts.response,
+                                              upstream=True, tee=tee)
         elif rframing[0] == "chunked":
-            ex.bytes_out += self._copy_chunked(up, client, upstream=True)
+            ex.bytes_out += self._copy_chunked(up, client, upstream=True, tee=tee)
         else:   # close-delimited, copied
-            ex.bytes_out += self._copy_until_eof(up, client)
+            n, clean = self._copy_until_eof(up, client, tee)
+            ex.bytes_out += n
+            if tee is not None:
+                tee.end(clean)
+                _settle(fill)
             return False, False, False
+        if tee is not None:
+            tee.end(True)
+            _settle(fill)
         return keep, False, reusable and self._clean(up)
 
     def _clean(self, up: Conn) -> bool:
@@ -611,7 +972,9 @@ class HTTPProxy:
                 raise _Upstream(502, str(e)) from None
 
     # -- copying ---------------------------------------------------------------------------------
-    def _copy_length(self, src: Conn, dst: Conn, n: int, timeout: float, upstream: bool = False) -> int:
+    def _copy_length(self, src: Conn, dst: Conn, n: int, timeout: float, upstream: bool = False,
+                     tee=None) -> int:
+        """N body bytes from SRC to DST (TEE, if given, sees each piece after it went out)."""
         left = n
         while left:
             if not src.buf:
@@ -625,6 +988,8 @@ class HTTPProxy:
                     self._truncated(src, upstream, n - left, n)
             chunk = src.take(min(left, len(src.buf)))
             dst.send(chunk)
+            if tee is not None:
+                tee(chunk)
             left -= len(chunk)
         return n
 
@@ -634,7 +999,7 @@ class HTTPProxy:
             raise _Upstream(502, f"{src.name} ended the body after {got} of {n} bytes")
         raise _Closed(f"{src.name} ended the body after {got} of {n} bytes")
 
-    def _copy_chunked(self, src: Conn, dst: Conn, upstream: bool) -> int:
+    def _copy_chunked(self, src: Conn, dst: Conn, upstream: bool, tee=None) -> int:
         scanner = http1.ChunkedScanner(upstream=upstream, limits=self.s.limits)
         total = 0
         while not scanner.done:
@@ -649,22 +1014,28 @@ class HTTPProxy:
             n = scanner.feed(src.buf)
             chunk = src.take(n)
             dst.send(chunk)
+            if tee is not None:
+                tee(chunk)
             total += n
         return total
 
-    def _copy_until_eof(self, src: Conn, dst: Conn) -> int:
+    def _copy_until_eof(self, src: Conn, dst: Conn, tee=None) -> tuple[int, bool]:
+        """Everything until SRC closes.  Returns (bytes, whether it ended with a clean
+        EOF: a reset or a timeout may have cut the body short)."""
         total = 0
         while True:
             if src.buf:
                 chunk = src.take(len(src.buf))
                 dst.send(chunk)
+                if tee is not None:
+                    tee(chunk)
                 total += len(chunk)
             if src.eof:
-                return total
+                return total, True
             try:
                 src.fill(self.s.timeouts.response)
             except _Closed:
-                return total
+                return total, False
 
     # -- CONNECT and tunnels -----------------------------------------------------------------
     def _connect(self, client: Conn, req: http1.Request, addr, ex: Exchange) -> bool:
@@ -716,14 +1087,21 @@ class HTTPProxy:
 
     # -- splicing ------------------------------------------------------------------------------
     def _splice_response(self, client: Conn, up: Conn, ex: Exchange, remaining: int | None,
-                         resume: bool = False):
+                         resume: bool = False, fill: layer.Fill | None = None):
         """Returns True (the engine owns the pair now), "resumed" (the body went through
-        the engine and the proxy has both connections back) or "copied"."""
+        the engine and the proxy has both connections back) or "copied".  FILL (the
+        cache stores the body) gets the bytes the proxy sends itself and becomes the
+        pair's tap sink for the rest: the engine's stream offset 0 is body offset
+        FILL.base, the bytes sent here before the hand-off."""
         ex.mode = "spliced"
         # Body bytes already read with the head go first, through the socket.
         if up.buf:
             n = len(up.buf) if remaining is None else min(len(up.buf), remaining)
-            client.send(up.take(n))
+            data = up.take(n)
+            client.send(data)
+            if fill is not None:
+                fill.body(0, data)
+                fill.base = n
             ex.bytes_out += n
             if remaining is not None:
                 remaining -= n
@@ -731,16 +1109,21 @@ class HTTPProxy:
         if remaining == 0:
             self.counters["http.splice_skipped_small"] += 1
             ex.mode = "copied"
+            if fill is not None:
+                fill.finish()
             return "copied"
-        handed = self._handoff(client, up, limits=(0, remaining), ex=ex, resume=resume)
+        handed = self._handoff(client, up, limits=(0, remaining), ex=ex, resume=resume, tap=fill)
         if remaining is not None:
             ex.bytes_out += remaining
         return handed
 
-    def _handoff(self, client: Conn, up: Conn, limits, ex: Exchange | None = None, resume: bool = False):
+    def _handoff(self, client: Conn, up: Conn, limits, ex: Exchange | None = None, resume: bool = False,
+                 tap: layer.Fill | None = None):
         """Register, drain, freeze, splice.  True when the engine owns the pair now;
         "resumed" when (RESUME) the engine reached the message end and the proxy has
-        rebuilt both sockets and carries on with them."""
+        rebuilt both sockets and carries on with them.  TAP is the origin-to-client
+        direction's tap sink (set after register, so before any byte is spliced; with
+        --tap-dir both get the stream); it also sees what the drain moves."""
         csock, usock = client.sock, up.sock
         cpeer, cloc = csock.getpeername(), csock.getsockname()
         upeer, uloc = usock.getpeername(), usock.getsockname()
@@ -750,13 +1133,15 @@ class HTTPProxy:
         done = threading.Event()
         self.waiters[id(pair)] = done
         self.runner.register(pair)
+        if tap is not None:
+            pair.tap[S2C] = tap if pair.tap[S2C] is None else layer.Tee(pair.tap[S2C], tap)
         if self.runner.fastpath is not None:
             # The rules queue only marked packets: what the fast path marks coming in,
             # and from now on what these two sockets send (the frozen sockets' safety net).
             for sock in (csock, usock):
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK, QUEUE_MARK)
         try:
-            copied, finished, limits = self._drain(client, up, limits)
+            copied, finished, limits = self._drain(client, up, limits, tap)
             if resume and tuple(limits) == (0, 0) and not any(finished):
                 # The whole message reached the sockets before the engine held the
                 # pair: the proxy delivered it; nothing to splice, nothing to rebuild.
@@ -821,25 +1206,31 @@ class HTTPProxy:
         if ev is not None:
             ev.set()
 
-    def _drain(self, client: Conn, up: Conn, limits):
+    def _drain(self, client: Conn, up: Conn, limits, tap: layer.Fill | None = None):
         """Bytes the proxy already read go first, then what reached the sockets before
         the engine held the pair, within LIMITS, until both sockets are quiescent.
         The client's bytes past its limit (pipelined requests) stay in its buffer, to
         be answered after a resumed splice; the upstream's past its limit are not part
-        of the message and are dropped.  Returns (copied, finished, remaining limits)."""
+        of the message and are dropped.  TAP sees what goes to the client, at its body
+        offset (the engine never sees these bytes).  Returns (copied, finished,
+        remaining limits)."""
         limits = list(limits)
         copied = [0, 0]
         for d, (src, dst) in enumerate(((client, up), (up, client))):
             if src.buf:
                 n = len(src.buf) if limits[d] is None else min(len(src.buf), limits[d])
                 if n:
-                    dst.send(src.take(n))
+                    data = src.take(n)
+                    dst.send(data)
+                    if tap is not None and d == S2C:
+                        tap.body(tap.base, data)
                     copied[d] += n
                     if limits[d] is not None:
                         limits[d] -= n
                 if src is up:
                     src.buf.clear()
-        got = handoff.drain(client.sock, up.sock, 5.0, limits=limits, keep=(True, False))
+        on_data = _drained_into(tap, tap.base + copied[S2C]) if tap is not None else None
+        got = handoff.drain(client.sock, up.sock, 5.0, limits=limits, keep=(True, False), on_data=on_data)
         client.buf += got.kept[0]
         if got.dropped:
             self.counters["dropped.beyond_message_bytes"] += got.dropped
@@ -870,11 +1261,16 @@ class HTTPService:
     """Every listener of one `nfsplice http` process: an HTTPProxy each, on one runner
     (or none: copying only) and one counters dict.  The runner's callbacks go to the
     proxy whose source-port range holds the pair's upstream port (the ranges of two
-    listeners never overlap: config.py checks it)."""
+    listeners never overlap: config.py checks it).  CACHES maps each listener's
+    cache_dir to its opened `layer.Cache` (listeners naming one directory share it);
+    they count into this service's counters and are closed with it."""
 
-    def __init__(self, listeners: list[Settings], runner=None):
+    def __init__(self, listeners: list[Settings], runner=None, caches: dict | None = None):
         self.counters = runner.engine.counters if runner is not None else _Counters()
-        self.proxies = [HTTPProxy(s, runner, self.counters) for s in listeners]
+        self.caches = dict(caches or {})
+        for c in self.caches.values():
+            c.counters = self.counters
+        self.proxies = [HTTPProxy(s, runner, self.counters, self.caches.get(s.cache_dir)) for s in listeners]
         if runner is not None:
             runner.on_forget = self.forget
             runner.on_message_done = self.message_done
@@ -887,6 +1283,8 @@ class HTTPService:
                 self.close()
                 raise OSError(e.errno, f"cannot listen on {p.s.listen[0]}:{p.s.listen[1]}: {e.strerror}") \
                     from None
+        for path, cache in self.caches.items():
+            cache.write_owner([p.s.listen for p in self.proxies if p.s.cache_dir == path])
 
     def serve(self, stop: threading.Event) -> None:
         others = [threading.Thread(target=p.serve, args=(stop,), daemon=True) for p in self.proxies[1:]]
@@ -899,6 +1297,9 @@ class HTTPService:
     def close(self) -> None:
         for p in self.proxies:
             p.close()
+        for c in self.caches.values():
+            c.close()
+        self.caches = {}
 
     def _owner(self, pair: Pair) -> HTTPProxy:
         port = pair.proxy_b.port
@@ -922,6 +1323,159 @@ class _Upstream(Exception):
 
 class _ConnectFailed(_Upstream):
     """Connecting to the upstream failed: nothing was sent, another may be tried."""
+
+
+class _Lookup:
+    """What the cache wants from one exchange forwarded to the origin (`_exchange`).
+
+    KIND is "bypass" (a request the cache does not answer: it only invalidates),
+    "miss" (store the response if RFC 9111 3 allows) or "validate" (STORED, from
+    ENTRY, is being validated; REQUEST is the conditional request sent instead of the
+    client's, `policy.validation_request`).  FWD is RFC 9211's fwd reason.  LEADER:
+    this fetch leads a collapsed miss, followers are released once the response head
+    decided.  BACKGROUND: nobody waits for it (stale-while-revalidate), never spliced.
+
+    After `on_head`: `absorbed` is a response the client does not get (a 304, or an
+    error that lets the stale response be served), with `outcome` saying why
+    ("revalidated", "etag-mismatch", "stale-if-error", ...); `fill` is the body being
+    stored; `status` our Cache-Status member for the forwarded response.
+    """
+
+    def __init__(self, proxy: HTTPProxy, req: http1.Request, key: str | None, kind: str, *,
+                 stored: policy.StoredResponse | None = None, entry=None, request=None,
+                 fwd: str | None = None, leader: bool = False, background: bool = False):
+        self.proxy = proxy
+        self.req = req
+        self.key = key
+        self.kind = kind
+        self.stored = stored
+        self.entry = entry
+        self.request = request
+        self.fwd = fwd or ("bypass" if kind == "bypass" else "miss")
+        self.leader = leader
+        self.background = background
+        self.absorbed: http1.Response | None = None
+        self.outcome: str | None = None
+        self.fill: layer.Fill | None = None
+        self.status = proxy._status(fwd=self.fwd)
+
+    def on_head(self, resp: http1.Response, rframing, sent_at: float, received_at: float) -> bool:
+        """The origin's final response head arrived: invalidate, freshen, or begin
+        storing.  True: the client does not get RESP (`absorbed`)."""
+        cache, req, counters = self.proxy.cache, self.req, self.proxy.counters
+        if req.method not in policy.SAFE_METHODS:
+            uris, _ = policy.invalidations(req, resp)       # RFC 9111 4.4
+            if uris and cache.invalidate(uris):
+                counters["cache.invalidated"] += 1
+        if self.kind == "bypass":
+            return False
+        fwd_status = resp.status if self.kind == "validate" else None
+        if self.kind == "validate":
+            if resp.status == 304:
+                # The origin says the validators we sent (the stored response's) still
+                # match: the stored response answers the client and is freshened with
+                # the 304's fields (RFC 9111 4.3.4, 3.2).  A 304 whose own ETag differs
+                # from the one we sent contradicts its status; it is taken as the answer
+                # to what we sent, and its ETag is not taken over (the stored body is
+                # the one our ETag names).
+                new, why = policy.freshen(self.stored, resp, sent_at, received_at)
+                if new is None and why == "etag-mismatch":
+                    plain = dataclasses.replace(resp, fields=_without(resp.fields, "etag"))
+                    new, _ = policy.freshen(self.stored, plain, sent_at, received_at)
+                self.absorbed, self.outcome = resp, "revalidated" if why == "freshened" else why
+                counters["cache.revalidated"] += 1
+                if new is not None:
+                    cache.update_headers(self.entry, new)
+                    self.stored = new
+                return True
+            if req.method == "HEAD" and resp.status == 200:
+                # A HEAD validates a stored GET (RFC 9111 4.3.5); the head goes on to the client.
+                new, why = policy.freshen_with_head(self.stored, self.entry.size, resp, sent_at, received_at)
+                if new is not None:
+                    cache.update_headers(self.entry, new)
+                else:
+                    cache.purge(self.key)
+                self.status = self.proxy._status(fwd=self.fwd, fwd_status=200, detail=why)
+                return False
+            if resp.status in policy.ERROR_STATUS:
+                s = policy.stale_on_error(self.proxy._view(self.stored), req, time.time(), resp.status,
+                                          cache.config)
+                if s.action == policy.STALE:
+                    self.absorbed, self.outcome = resp, s.reason
+                    return True
+        verdict = policy.storable(req, self.proxy._view(resp), cache.config)
+        if verdict and self.key is not None and rframing[0] in ("none", "length", "chunked", "close"):
+            stored = policy.stored_response(req, resp, sent_at, received_at)
+            expected = {"length": rframing[-1], "none": 0}.get(rframing[0])
+            self.fill = cache.begin(self.key, stored, expected)
+        if self.leader:
+            cache.release(self.key)        # followers find the Writer now, or go on their own
+            self.leader = False
+        stored_now = self.fill is not None and not self.fill.failed
+        self.status = self.proxy._status(fwd=self.fwd, fwd_status=fwd_status, stored=stored_now,
+                                         detail=None if verdict else verdict.reason)
+        return False
+
+
+class _BodyTee:
+    """A copied response body into a Fill as it is forwarded; a chunked one decoded (the
+    store keeps the representation: a hit sends it with Content-Length)."""
+
+    def __init__(self, fill: layer.Fill, chunked: bool, limits: http1.Limits):
+        self.fill = fill
+        self.decoder = layer.ChunkedDecoder(limits) if chunked else None
+        self.offset = 0
+
+    def __call__(self, data) -> None:
+        if self.decoder is None:
+            self.fill.body(self.offset, data)
+            self.offset += len(data)
+            return
+        for off, piece in self.decoder.feed(data):
+            self.fill.body(off, piece)
+
+    def end(self, complete: bool) -> None:
+        """The copy is over; COMPLETE: it ended where the framing says (for a body until
+        close: with a clean EOF, the only end such a body has)."""
+        if self.decoder is not None:
+            complete = complete and self.decoder.done
+            length = self.decoder.offset
+        else:
+            length = self.offset
+        if complete:
+            self.fill.finish(length)
+        else:
+            self.fill.abort("the body did not end cleanly")
+
+
+class _Discard:
+    """The client of a background revalidation: nobody, what it is sent goes nowhere."""
+
+    name = "background revalidation"
+
+    def send(self, data) -> None:
+        pass
+
+
+def _settle(fill: layer.Fill | None) -> None:
+    """Give the cache writer a moment to commit a body that was forwarded whole, so the
+    next request on this connection finds it stored (it would follow the Writer
+    otherwise, which serves the same bytes)."""
+    if fill is not None:
+        fill.settle(2.0)
+
+
+def _drained_into(fill: layer.Fill, start: int):
+    """handoff.drain's on_data: what it moves to the client goes into FILL from body
+    offset START on."""
+    def on_data(d: int, offset: int, data) -> None:
+        if d == S2C:
+            fill.body(start + offset, data)
+    return on_data
+
+
+def _without(fields, name: str) -> tuple:
+    return tuple((n, v) for n, v in fields if n.lower() != name)
 
 
 class _Counters(dict):
