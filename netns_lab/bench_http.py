@@ -29,6 +29,7 @@ run, the summary, the machine), results.md, bench.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -60,7 +61,7 @@ DEFAULT_SIZES = "1KiB,64KiB,1MiB"
 STATS_DIR = Path("/run/nfsplice")          # where `nfsplice` writes its counters (nfsplice.runner)
 
 CLOSE_NOTE = ("nfsplice keeps both connections after a spliced response by rebuilding its sockets "
-              "(TCP_REPAIR); every response at or above the splice threshold (64 KiB by default) costs a "
+              "(TCP_REPAIR); every response at or above the splice threshold (2 MiB by default, --splice-threshold) costs a "
               "hand-off and a rebuild, and a response the engine could not hand off ends with "
               "Connection: close. That cost is part of what is measured.")
 
@@ -89,7 +90,7 @@ def _nfsplice(name: str, *extra: str, note: str) -> Peer:
 
 PEERS: dict[str, Peer] = {p.name: p for p in (
     Peer("origin", None, note="wrk/curl straight to the origin nginx (the proxy namespace only routes): the reference"),
-    _nfsplice("nfsplice", note="nfsplice http, response bodies of 64 KiB or more spliced (default threshold); "
+    _nfsplice("nfsplice", note="nfsplice http, response bodies at or above the splice threshold spliced; "
                                "keep-alive kept across them (sockets rebuilt with TCP_REPAIR); tc-BPF fast path"),
     _nfsplice("nfsplice-queue", "--fastpath", "off",
               note="nfsplice http without the fast path: every packet of a spliced pair through the "
@@ -684,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     ap.add_argument("--big", type=parse_size, default=2**30, help="size of the curl download (default 1GiB)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--splice-threshold", help="--splice-threshold for the nfsplice peers (default: theirs, 2MiB)")
     ap.add_argument("--peers", default=DEFAULT_PEERS, help=f"comma-separated (default {DEFAULT_PEERS})")
     ap.add_argument("--out", type=Path, default=REPO / "netns_lab" / "results-http")
     ap.add_argument("--prefix", default="bh", help="lab namespace prefix (default bh)")
@@ -705,8 +707,12 @@ def main(argv: list[str] | None = None) -> int:
         if not any(os.access(os.path.join(d, tool), os.X_OK) for d in os.environ.get("PATH", "").split(os.pathsep)):
             ap.error(f"{tool} not found: apt-get install -y {tool} (or make setup)")
 
+    peers = [PEERS[n] for n in names]
+    if a.splice_threshold:
+        peers = [dataclasses.replace(p, argv=p.argv + ("--splice-threshold", a.splice_threshold))
+                 if p.is_nfsplice else p for p in peers]
     s = Settings(sizes=a.sizes, duration=a.duration, connections=a.connections, threads=a.threads, big=a.big,
-                 rounds=a.rounds, peers=[PEERS[n] for n in names], prefix=a.prefix,
+                 rounds=a.rounds, peers=peers, prefix=a.prefix,
                  quiet_timeout=a.quiet_timeout, quiet_cpus=a.quiet_cpus)
     machine = machine_info()
     machine.update(wrk=_version("wrk", "-v"), curl=_version("curl", "--version"))

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--config", metavar="FILE", help="TOML file of listeners, each with its own upstreams "
                    "and settings; not with --listen or --upstream")
     h.add_argument("--no-splice", action="store_true", help="copy every byte (the baseline); no rules, no root")
-    h.add_argument("--splice-threshold", type=size, default="64KiB",
+    h.add_argument("--splice-threshold", type=size, default="2MiB",
                    help="splice response bodies of at least this many bytes (65536, 64KiB, 1MiB) [%(default)s]")
     h.add_argument("--connect-ports", default="443", help="ports CONNECT may reach [%(default)s]")
     h.add_argument("--access-log", default="-", help="file, - (stderr) or off [%(default)s]")

@@ -85,7 +85,7 @@ def test_full_file(tmp_path):
     assert b.listen == ("198.18.1.1", 3128) and b.upstreams == () and not b.splice
     assert b.ports == (62000, 62999)
     # Untouched keys keep the defaults, also inside the tables given in part.
-    assert b.threshold == 64 << 10 and b.timeouts.connect == 5.0 and b.pool_size == 32
+    assert b.threshold == 2 << 20 and b.timeouts.connect == 5.0 and b.pool_size == 32
     assert t.splice_idle == Settings().timeouts.splice_idle
 
 
@@ -266,7 +266,7 @@ def test_sizes_on_the_command_line():
     args = p.parse_args(["http", "--listen", "198.18.1.1:8080", "--splice-threshold", "1MiB",
                          "--max-header-bytes", "16KiB"])
     assert (args.splice_threshold, args.max_header_bytes) == (1 << 20, 16 << 10)
-    assert p.parse_args(["http", "--listen", "198.18.1.1:8080"]).splice_threshold == 65536
+    assert p.parse_args(["http", "--listen", "198.18.1.1:8080"]).splice_threshold == 2 << 20
 
 
 def test_bad_size_on_the_command_line(capsys):

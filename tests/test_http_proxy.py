@@ -37,7 +37,9 @@ class HTTPProxyProc:
         ready = os.path.join(self.dir, "ready")
         self.log = open(os.path.join(self.dir, "stderr.log"), "w")
         listen = ["--listen", f"{PROXY}:{port}"] if port is not None else []
-        argv = [sys.executable, "-m", "nfsplice", "http", *listen, "--instance", instance,
+        # The tests splice from 64 KiB on (the default, 2 MiB, is what pays off in CPU;
+        # the tests want many spliced bodies of every size); ARGS may override it.
+        argv = [sys.executable, "-m", "nfsplice", "http", "--splice-threshold", "64KiB", *listen, "--instance", instance,
                 "--ready-file", ready, "--access-log", self.access, "--linger", "1", *args]
         self.proc = lab.popen(lab.proxy, *argv, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
