@@ -1,10 +1,10 @@
 # nfsplice: `make setup` once (as root: Debian packages and .venv), then `make lab`, `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# haproxy, nginx and its stream module are benchmark peers (and their smoke test runs in make test).
+# haproxy, nginx and its stream module, varnish and squid are benchmark peers (and their smoke test runs in make test).
 # clang, libbpf-dev and bpftool build and load the tc-BPF fast path (nfsplice/fastpath/).
 APT_PACKAGES := nftables iptables libnetfilter-queue-dev tcpdump iproute2 gcc curl \
-	clang libbpf-dev bpftool haproxy nginx libnginx-mod-stream wrk
+	clang libbpf-dev bpftool haproxy nginx libnginx-mod-stream wrk varnish squid
 
 .PHONY: setup apt venv cache-tests lab test unit bench cleanup clean
 
@@ -14,7 +14,7 @@ apt:
 	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; fi
 	@# The Debian packages start system services; nfsplice's tests run their own.
-	-@systemctl disable --now nginx haproxy >/dev/null 2>&1 || true
+	-@systemctl disable --now nginx haproxy varnish varnishncsa squid >/dev/null 2>&1 || true
 
 venv: $(VENV)/.installed
 
