@@ -346,6 +346,20 @@ def probe() -> int:
         rep.missing_("netfilterqueue (optional)", "package not installed (only --backend netfilterqueue needs it)",
                      ".venv/bin/pip install NetfilterQueue (make setup does)", required=False)
 
+    # 9. the fast path (optional: without it every packet of a spliced pair is queued)
+    from . import fastpath
+    why = fastpath.available()
+    if why is None:
+        try:
+            fastpath.FastPath("nfsplice-probe", attach=False).close()
+        except fastpath.FastPathError as e:
+            why = str(e)
+    if why is None:
+        rep.ok("fast path (optional)", "the tc-BPF program compiles and loads; --fastpath auto uses it")
+    else:
+        rep.missing_("fast path (optional)", why, "make setup (clang, libbpf-dev, bpftool); Linux 5.10+ with BPF",
+                     required=False)
+
     if rep.missing:
         print("nfsplice probe: MISSING required: " + ", ".join(rep.missing))
         return 1

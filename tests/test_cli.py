@@ -201,7 +201,7 @@ def test_probe_finds_everything_here():
     assert not [l for l in lines if "MISSING" in l], p.stdout
     ok = [l.partition(": ok")[0] for l in lines if ": ok" in l]
     for feature in ("root / CAP_NET_ADMIN", "iptables", "CT --notrack + NFQUEUE", "GSO", "TCP_REPAIR",
-                    "sysctls", "conntrack", "numpy", "netfilterqueue"):
+                    "sysctls", "conntrack", "numpy", "netfilterqueue", "fast path"):
         assert any(feature in f for f in ok), (feature, p.stdout)
     assert lines[-1] == "nfsplice probe: everything nfsplice tcp needs is there"
     assert "nf_tables" in p.stdout or "legacy" in p.stdout
