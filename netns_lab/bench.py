@@ -501,6 +501,29 @@ def chart(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def run_interruptible(s, tmp_prefix: str, run_benchmark, runs: list) -> bool | None:
+    """RUN_BENCHMARK(s, workdir, runs) in a temporary directory, SIGTERM and Ctrl-C
+    ending it early (the lab is cleaned up, RUNS keeps what was measured).  True when
+    interrupted, False when done, None when it failed (the lab or the origin did not
+    come up; said in the log)."""
+    def on_term(*_):
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with tempfile.TemporaryDirectory(prefix=tmp_prefix) as tmp:
+            try:
+                run_benchmark(s, Path(tmp), runs)
+            except KeyboardInterrupt:
+                s.log("interrupted: lab cleaned up, writing partial results")
+                return True
+            except (PeerFailed, RuntimeError) as e:    # the lab or the origin did not come up
+                s.log(f"benchmark failed: {e}")
+                return None
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    return False
+
+
 def write_results(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -574,20 +597,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
     }
 
-    def on_term(*_):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_term)
     runs: list[dict] = []
-    interrupted = False
-    with tempfile.TemporaryDirectory(prefix="nfsplice-bench-") as tmp:
-        try:
-            run_benchmark(s, Path(tmp), runs)
-        except KeyboardInterrupt:
-            interrupted = True
-            s.log("interrupted: lab cleaned up, writing partial results")
-        except PeerFailed as e:            # the origin itself did not start
-            s.log(f"benchmark failed: {e}")
-            return 1
+    interrupted = run_interruptible(s, "nfsplice-bench-", run_benchmark, runs)
+    if interrupted is None:
+        return 1
     result["runs"] = runs
     result["summary"] = summarize(runs, s.peers)
     result["interrupted"] = interrupted

@@ -41,10 +41,8 @@ import hashlib
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from netns_lab.bench import PeerFailed, RunFailed, _fmt, _hostport, _median, machine_info, parse_size, \
-    round_order, wait_quiet
+    round_order, run_interruptible, wait_quiet
 from netns_lab.bench_http import (LISTEN, ORIGIN, WRK_DONE_LUA, Peer, _truncate_access_log, _version,
                                   curl_big, curl_verify, nfsplice_counters, parse_sizes, size_label, start_peer,
                                   wait_port_free, wrk)
@@ -650,23 +648,10 @@ def main(argv: list[str] | None = None) -> int:
                        "listen": _hostport(LISTEN), "origin": _hostport(ORIGIN)},
               "machine": machine}
 
-    def on_term(*_):
-        raise KeyboardInterrupt
-    old = signal.signal(signal.SIGTERM, on_term)
     runs: list[dict] = []
-    interrupted = False
-    try:
-        with tempfile.TemporaryDirectory(prefix="nfsplice-bench-cache-") as tmp:
-            try:
-                run_benchmark(s, Path(tmp), runs)
-            except KeyboardInterrupt:
-                interrupted = True
-                s.log("interrupted: lab cleaned up, writing partial results")
-            except RuntimeError as e:
-                s.log(f"benchmark failed: {e}")
-                return 1
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    interrupted = run_interruptible(s, "nfsplice-bench-cache-", run_benchmark, runs)
+    if interrupted is None:
+        return 1
     result["runs"] = runs
     result["summary"] = summarize(runs, result["meta"])
     result["interrupted"] = interrupted

@@ -36,11 +36,9 @@ import json
 import os
 import re
 import shlex
-import signal
 import string
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -725,23 +723,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
     }
 
-    def on_term(*_):
-        raise KeyboardInterrupt
-    old = signal.signal(signal.SIGTERM, on_term)
     runs: list[dict] = []
-    interrupted = False
-    try:
-        with tempfile.TemporaryDirectory(prefix="nfsplice-bench-http-") as tmp:
-            try:
-                run_benchmark(s, Path(tmp), runs)
-            except KeyboardInterrupt:
-                interrupted = True
-                s.log("interrupted: lab cleaned up, writing partial results")
-            except RuntimeError as e:          # the lab or the origin did not come up
-                s.log(f"benchmark failed: {e}")
-                return 1
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    interrupted = bench.run_interruptible(s, "nfsplice-bench-http-", run_benchmark, runs)
+    if interrupted is None:
+        return 1
     result["runs"] = runs
     result["summary"] = summarize(runs, s.peers, s.sizes)
     result["interrupted"] = interrupted
