@@ -26,7 +26,6 @@ from .queue.base import ACCEPT, DROP
 
 STATS_DIR = "/run/nfsplice"
 _NO_TRANSLATION = Translation(b"\0" * 4, b"\0" * 4, 0, 0)   # flows that only mark
-SO_MARK = 36
 
 
 class Runner:
@@ -68,7 +67,7 @@ class Runner:
         """Send engine-made packets (pure ACKs for the proxy's own sockets)."""
         if self.raw is None:
             self.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-            self.raw.setsockopt(socket.SOL_SOCKET, SO_MARK, INJECT_MARK)
+            self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, INJECT_MARK)
         for pkt in packets:
             try:
                 self.raw.sendto(pkt, (socket.inet_ntoa(bytes(pkt[16:20])), 0))

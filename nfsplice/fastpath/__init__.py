@@ -241,11 +241,9 @@ class FastPath:
             self.tap.close()
         if getattr(self, "stats_map", None) is not None and self.stats_map.fd is not None:
             self._last = self.counters()
-        for attr in ("prog_fd",):
-            fd = getattr(self, attr, None)
-            if fd is not None:
-                os.close(fd)
-                setattr(self, attr, None)
+        if getattr(self, "prog_fd", None) is not None:
+            os.close(self.prog_fd)
+            self.prog_fd = None
         for m in ("flows", "stats_map"):
             mp = getattr(self, m, None)
             if mp is not None and mp.fd is not None:

@@ -60,7 +60,6 @@ log = logging.getLogger("nfsplice.http")
 access = logging.getLogger("nfsplice.access")
 
 RECV = 1 << 16
-SO_MARK = 36
 
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})   # RFC 9110 9.2.2
@@ -1139,7 +1138,7 @@ class HTTPProxy:
             # The rules queue only marked packets: what the fast path marks coming in,
             # and from now on what these two sockets send (the frozen sockets' safety net).
             for sock in (csock, usock):
-                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, QUEUE_MARK)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, QUEUE_MARK)
         try:
             copied, finished, limits = self._drain(client, up, limits, tap)
             if resume and tuple(limits) == (0, 0) and not any(finished):
