@@ -345,11 +345,17 @@ class Engine:
                 self.counters["tsecr_zeroed"] += 1
         tr: Translation = pair.tr[d]
         end = pair.end_seq[d]
+        truncated = False
         if end is not None:
             over = seq.diff(seq.add(v.seq, v.payload_len), end)
-            if over > 0 or (v.flags & FIN and not pair.end_fin[d]):
+            if over > 0 or (v.flags & FIN and over == 0 and not pair.end_fin[d]):
                 v = self._cut_at_end(pair, d, v, max(over, 0))
                 csum_partial = True    # the payload changed: summed in full
+            elif v.flags & FIN and not pair.end_fin[d]:
+                # A FIN before the end of a message after which the connection was to
+                # go on (an upload): the message is cut short.  The FIN reaches the
+                # receiver, which sees it so; the pair cannot resume and ends at once.
+                truncated = True
         flags = v.flags
         plen = v.payload_len
         nxt = seq.add(v.seq, plen)
@@ -394,6 +400,8 @@ class Engine:
         c = self.counters
         c[_PKT_NAMES[d]] += 1
         c[_BYTE_NAMES[d]] += plen
+        if truncated and not pair.reset:
+            self._reset_both(pair, "truncated_message")
         return v
 
     def _learn_tsval(self, pair: Pair, d: int, v: TCPView) -> None:
@@ -724,6 +732,8 @@ class Engine:
             tr = pair.tr[d]
             st = pair.frozen[1] if d == C2S else pair.frozen[0]   # the socket we pose as
             nxt = pair.next_seq[d]
+            if pair.fin_seq[d] is not None and (nxt is None or seq.ge(pair.fin_seq[d], nxt)):
+                nxt = seq.add(pair.fin_seq[d], 1)      # (a FIN takes one sequence number)
             if pair.end_seq[d] is not None and (nxt is None or seq.gt(nxt, pair.end_seq[d])):
                 nxt = pair.end_seq[d]
             rst_seq = seq.add(nxt, tr.seq_delta) if nxt is not None else st.snd_seq

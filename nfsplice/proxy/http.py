@@ -9,7 +9,11 @@ Heads are read and written through the proxy's own sockets, parsed strictly by
     and the engine forwards the rest, with the message end as a hard limit (nothing
     past the Content-Length reaches the client; the client's own bytes do not reach
     the origin while a response body is spliced);
-  * everything else (small and chunked bodies, request bodies) is copied.
+  * a request body (an upload) framed by Content-Length of at least --splice-threshold
+    bytes: the same, with the body's length as the client's message end and nothing of
+    the origin's (an early answer waits in the engine for the rebuilt socket); the
+    proxy always takes both connections back to read the response (`_splice_request`);
+  * everything else (small and chunked bodies, small request bodies) is copied.
 
 Keep-alive survives a spliced Content-Length body: once the client has acknowledged
 all of it, the engine holds the pair's packets and the proxy rebuilds both sockets at
@@ -848,7 +852,11 @@ class HTTPProxy:
                 resp = None
             else:
                 framing = ("unread",)
-        if framing[0] == "length":
+        if framing[0] == "length" and self._splices_upload(framing[1]):
+            handed = self._splice_request(client, up, ex, framing[1])
+            if handed is True:          # the pair ended in the engine (a reset, a close)
+                return False, True, False
+        elif framing[0] == "length":
             ex.bytes_in += self._copy_length(client, up, framing[1], self.s.timeouts.header)
         elif framing[0] == "chunked":
             ex.bytes_in += self._copy_chunked(client, up, upstream=False)
@@ -1116,13 +1124,37 @@ class HTTPProxy:
             ex.bytes_out += remaining
         return handed
 
+    def _splices_upload(self, length: int) -> bool:
+        return self.runner is not None and self.s.splice and self.s.resume and length >= self.s.threshold
+
+    def _splice_request(self, client: Conn, up: Conn, ex: Exchange, length: int):
+        """A request body of LENGTH bytes (an upload) spliced: what the proxy already read
+        of it goes first, the engine forwards the rest with LENGTH as the client's
+        message end and nothing of the origin's (its answer waits for the rebuilt
+        socket), then the proxy takes both connections back to read the response.
+        Returns "resumed" or "copied" (the proxy moved it all), or True when the pair
+        ended in the engine instead."""
+        n = min(len(client.buf), length)
+        if n:
+            up.send(client.take(n))
+        ex.bytes_in += length
+        if n == length:
+            return "copied"
+        ex.mode = "spliced"
+        handed = self._handoff(client, up, limits=(length - n, 0), ex=ex, resume=True, upload=True)
+        if handed == "copied":
+            ex.mode = "copied"
+        return handed
+
     def _handoff(self, client: Conn, up: Conn, limits, ex: Exchange | None = None, resume: bool = False,
-                 tap: layer.Fill | None = None):
+                 tap: layer.Fill | None = None, upload: bool = False):
         """Register, drain, freeze, splice.  True when the engine owns the pair now;
         "resumed" when (RESUME) the engine reached the message end and the proxy has
         rebuilt both sockets and carries on with them.  TAP is the origin-to-client
         direction's tap sink (set after register, so before any byte is spliced; with
-        --tap-dir both get the stream); it also sees what the drain moves."""
+        --tap-dir both get the stream); it also sees what the drain moves.  UPLOAD: the
+        message is the client's (a request body): the origin's early answer is kept for
+        the proxy, and a FIN after the body waits for the rebuilt socket."""
         csock, usock = client.sock, up.sock
         cpeer, cloc = csock.getpeername(), csock.getsockname()
         upeer, uloc = usock.getpeername(), usock.getsockname()
@@ -1140,7 +1172,7 @@ class HTTPProxy:
             for sock in (csock, usock):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, QUEUE_MARK)
         try:
-            copied, finished, limits = self._drain(client, up, limits, tap)
+            copied, finished, limits = self._drain(client, up, limits, tap, keep_upstream=upload)
             if resume and tuple(limits) == (0, 0) and not any(finished):
                 # The whole message reached the sockets before the engine held the
                 # pair: the proxy delivered it; nothing to splice, nothing to rebuild.
@@ -1153,7 +1185,8 @@ class HTTPProxy:
                 return "copied"
             a = handoff.freeze(csock)
             b = handoff.freeze(usock)
-            self.runner.splice(pair, a, b, copied=copied, finished=finished, limits=limits, resume=resume)
+            self.runner.splice(pair, a, b, copied=copied, finished=finished, limits=limits, resume=resume,
+                               end_fin=(False, False) if upload else (True, True))
         except (OSError, ValueError, _Closed, handoff.HandoffError) as e:
             self.waiters.pop(id(pair), None)
             self.counters["http.splice_fallback"] += 1
@@ -1172,10 +1205,12 @@ class HTTPProxy:
         self.waiters.pop(id(pair), None)
         if not pair.resuming:
             return True                 # it ended instead (FIN, RST, timeout): forgotten
-        return self._resume(pair, client, up, (cloc, cpeer), (uloc, upeer))
+        return self._resume(pair, client, up, (cloc, cpeer), (uloc, upeer), keep_upstream=upload)
 
-    def _resume(self, pair: Pair, client: Conn, up: Conn, a_addr, b_addr):
-        """Rebuild both sockets at the message end and take the connections back."""
+    def _resume(self, pair: Pair, client: Conn, up: Conn, a_addr, b_addr, keep_upstream: bool = False):
+        """Rebuild both sockets at the message end and take the connections back.
+        KEEP_UPSTREAM: what the upstream sent before the splice is the start of the
+        answer to a spliced request body, not bytes after a response."""
         a2, b2 = self.runner.resume_numbers(pair)
         handoff.close_silently(client.sock)
         handoff.close_silently(up.sock)
@@ -1195,7 +1230,8 @@ class HTTPProxy:
         self.counters["http.resumed"] += 1
         # client.buf keeps the pipelined requests read before the splice: they come
         # before anything the rebuilt socket receives.
-        up.buf.clear()
+        if not keep_upstream:
+            up.buf.clear()
         client.eof = up.eof = False
         return "resumed"
 
@@ -1205,14 +1241,15 @@ class HTTPProxy:
         if ev is not None:
             ev.set()
 
-    def _drain(self, client: Conn, up: Conn, limits, tap: layer.Fill | None = None):
+    def _drain(self, client: Conn, up: Conn, limits, tap: layer.Fill | None = None, keep_upstream: bool = False):
         """Bytes the proxy already read go first, then what reached the sockets before
         the engine held the pair, within LIMITS, until both sockets are quiescent.
         The client's bytes past its limit (pipelined requests) stay in its buffer, to
         be answered after a resumed splice; the upstream's past its limit are not part
         of the message and are dropped.  TAP sees what goes to the client, at its body
         offset (the engine never sees these bytes).  Returns (copied, finished,
-        remaining limits)."""
+        remaining limits).  KEEP_UPSTREAM (a spliced request body): the upstream's bytes
+        are its answer, kept in its buffer for the proxy to read after the splice."""
         limits = list(limits)
         copied = [0, 0]
         for d, (src, dst) in enumerate(((client, up), (up, client))):
@@ -1226,11 +1263,12 @@ class HTTPProxy:
                     copied[d] += n
                     if limits[d] is not None:
                         limits[d] -= n
-                if src is up:
+                if src is up and not keep_upstream:
                     src.buf.clear()
         on_data = _drained_into(tap, tap.base + copied[S2C]) if tap is not None else None
-        got = handoff.drain(client.sock, up.sock, 5.0, limits=limits, keep=(True, False), on_data=on_data)
+        got = handoff.drain(client.sock, up.sock, 5.0, limits=limits, keep=(True, keep_upstream), on_data=on_data)
         client.buf += got.kept[0]
+        up.buf += got.kept[1]
         if got.dropped:
             self.counters["dropped.beyond_message_bytes"] += got.dropped
             up.eof = True      # its framing is not to be trusted: not reused
