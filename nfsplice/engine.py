@@ -123,6 +123,10 @@ class Pair:
     end_seq: list = field(default_factory=lambda: [None, None])  # message end per direction
     end_fin: list = field(default_factory=lambda: [True, True])   # FIN at the end may pass
     next_seq: list = field(default_factory=lambda: [None, None])  # highest seq+len seen per side
+    # Per direction, the right edge of the receive window its translated packets offered
+    # (ack + window, in the receiver's view): a socket rebuilt at a resume must not
+    # offer less, or the peer's data past its own window is dropped.
+    win_edge: list = field(default_factory=lambda: [None, None])
     end_acked: list = field(default_factory=lambda: [False, False])
     message_done: float | None = None  # when the receivers acknowledged every message end
     overrun: bool = False              # a sender went past its message end
@@ -393,6 +397,11 @@ class Engine:
                     self._closing(pair)
         if not v.window and not flags & (SYN | RST):
             self.counters[_ZERO_WINDOW_NAMES[d]] += 1
+        if flags & ACK:
+            w = (v.window << tr.win_shift_in) >> tr.win_shift_out
+            edge = seq.add(v.ack, tr.ack_delta + ((w if w < 0xFFFF else 0xFFFF) << tr.win_shift_out))
+            if pair.win_edge[d] is None or seq.gt(edge, pair.win_edge[d]):
+                pair.win_edge[d] = edge
         packet.rewrite(v, tr, csum_partial)
         self.counters["checksum.full" if csum_partial else "checksum.incremental"] += 1
         pair.packets[d] += 1
@@ -710,10 +719,21 @@ class Engine:
         rcv = [pair.end_seq[d] if pair.end_seq[d] is not None else (pair.next_seq[d] or st.rcv_seq)
                for d, st in ((C2S, a), (S2C, b))]
         elapsed_ms = int((self.clock() - pair.spliced_at) * 1000) + 1000
+        # Each rebuilt socket offers at least the window its peer was last offered
+        # through the splice (the other side's, translated), never less: the peer may
+        # send up to that edge at once, and a socket offering less drops what is past
+        # its own window (an RTO, ~200 ms, for the next response after every resume).
+        win = []
+        for st, d, rcv_seq in ((a, S2C, rcv[C2S]), (b, C2S, rcv[S2C])):
+            w = st.window
+            edge = pair.win_edge[d]
+            if w and edge is not None and seq.gt(edge, seq.add(rcv_seq, w[3])):
+                w = (w[0], w[1], w[2], seq.diff(edge, rcv_seq), w[4])
+            win.append(w)
         a2 = SocketState(seq.add(rcv[S2C], pair.tr[S2C].seq_delta), rcv[C2S], a.snd_wscale, a.rcv_wscale,
-                         a.timestamps, seq.add(a.ts_now, elapsed_ms), a.sack, a.mss, a.window)
+                         a.timestamps, seq.add(a.ts_now, elapsed_ms), a.sack, a.mss, win[0])
         b2 = SocketState(seq.add(rcv[C2S], pair.tr[C2S].seq_delta), rcv[S2C], b.snd_wscale, b.rcv_wscale,
-                         b.timestamps, seq.add(b.ts_now, elapsed_ms), b.sack, b.mss, b.window)
+                         b.timestamps, seq.add(b.ts_now, elapsed_ms), b.sack, b.mss, win[1])
         return a2, b2
 
     def finish_resume(self, pair: Pair) -> list[tuple[object, Decision, bytearray]]:

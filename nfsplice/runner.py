@@ -182,7 +182,12 @@ class Runner:
             keys = pair.in_keys()
             try:
                 for d, key in enumerate(keys):
-                    got = fp.take(key)
+                    # A flow being replaced is overwritten in place, never deleted first:
+                    # in between, the pair's packets would go unmarked past the queue to
+                    # the frozen sockets (a resumed pair's next request was lost so, until
+                    # the client's RTO).  What the program counts between this read and
+                    # the overwrite is not carried over.
+                    got = fp.take(key) if pair.fast_sig is None else fp.get(key)
                     if got is not None:
                         eng.fast_progress(pair, d, got.packets, got.bytes, got.last_ns / 1e9,
                                           got.next_seq, final=True)
@@ -272,6 +277,11 @@ class Runner:
 
     # -- the proxy's calls ---------------------------------------------------------------
     def register(self, pair: Pair) -> Pair:
+        if self.fastpath is not None:
+            # Where the spliced packets will leave (a route lookup, a few ms the first
+            # time for a destination): now, before the lock the queue threads need.
+            self.fastpath.egress(pair.client.ip)
+            self.fastpath.egress(pair.server.ip)
         with self.lock:
             self.engine.register(pair)
             if self.engine.fast_ops:
@@ -282,8 +292,22 @@ class Runner:
         with self.lock:
             if isinstance(pair.fast_sig, str):
                 self._handoff_tsvals(pair)
-            self._send_all(self.engine.splice(pair, a, b, **kw))
+            out = self.engine.splice(pair, a, b, **kw)
+            # The flows change before the released packets' verdicts go out: the hand-off
+            # flows pass pure ACKs to the proxy's sockets, which are frozen now, so the
+            # receivers' ACKs for the released packets would be lost (the origin then
+            # waits for its RTO).  While released packets are still on their way through
+            # the queue, the pair's next packets follow them there (no overtaking by the
+            # program); the flows the engine wants come right after the verdicts.
+            final = pair.fast_sig
+            if out and isinstance(final, tuple):
+                pair.fast_sig = "queue"
             if self.engine.fast_ops:
+                self._apply_fast()
+            self._send_all(out)
+            if pair.fast_sig != final:
+                pair.fast_sig = final
+                self.engine.fast_ops.append(pair)
                 self._apply_fast()
             if self.engine.injected:      # the window update to the origin: at once
                 injected, self.engine.injected = self.engine.injected, []

@@ -33,6 +33,8 @@ import socket
 import struct
 import subprocess
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger("nfsplice.fastpath")
@@ -46,6 +48,8 @@ STAT_NAMES = ("fast_packets", "fast_bytes", "queue_marked", "punt.flags", "punt.
               "punt.message_end", "punt.ack_watch", "punt.tsecr_floor", "punt.zero_window",
               "punt.shape", "redirect_failed", "tap_records", "punt.tap_full", "handoff_acks_passed")
 TAP_RING_SIZE = 64 << 20          # nfs_tap's max_entries
+ROUTE_TTL = 10.0                  # seconds a destination's egress device is trusted
+ROUTE_CACHE_MAX = 4096            # destinations remembered (expired ones dropped past it)
 _TAP_HEAD = struct.Struct("=12sII")   # struct tap_rec: key, seq, len (then the payload)
 _RB_BUSY, _RB_DISCARD = 1 << 31, 1 << 30
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT, TC_ACT_UNSPEC = 0, 2, 7, -1
@@ -180,7 +184,13 @@ class FastPath:
         self.ifindexes = {idx for _, idx in self.devices}
         self.attached: list[str] = []
         self.added_clsact: list[str] = []
-        self._routes: dict[bytes, int] = {}
+        # Route lookups (the device a destination leaves by) on one rtnetlink socket,
+        # opened here: importing pyroute2 at the first splice held the runner's lock
+        # for ~170 ms, and the packets waiting meanwhile cost the origin an RTO.
+        from pyroute2 import IPRoute
+        self._ipr = IPRoute()
+        self._route_lock = threading.Lock()
+        self._routes: dict[bytes, tuple[int, float]] = {}
         self._last: dict[str, int] = {}
         tmp = tempfile.mkdtemp(prefix="nfsplice-bpf-")
         pin = os.path.join(tmp, "fs")
@@ -244,6 +254,9 @@ class FastPath:
         if getattr(self, "prog_fd", None) is not None:
             os.close(self.prog_fd)
             self.prog_fd = None
+        if getattr(self, "_ipr", None) is not None:
+            self._ipr.close()
+            self._ipr = None
         for m in ("flows", "stats_map"):
             mp = getattr(self, m, None)
             if mp is not None and mp.fd is not None:
@@ -251,13 +264,19 @@ class FastPath:
                 mp.fd = None
 
     # -- flows ---------------------------------------------------------------------------
-    def egress(self, dst: bytes) -> int:
-        """The ifindex packets to DST leave by, if the program is attached there; else 0."""
-        idx = self._routes.get(dst)
-        if idx is None:
-            idx = _route_oif(socket.inet_ntoa(dst))
-            idx = idx if idx in self.ifindexes else 0
-            self._routes[dst] = idx
+    def egress(self, dst: bytes, now: float | None = None) -> int:
+        """The ifindex packets to DST leave by, if the program is attached there; else 0.
+        Looked up again after ROUTE_TTL seconds (routes change)."""
+        now = time.monotonic() if now is None else now
+        got = self._routes.get(dst)
+        if got is not None and now < got[1]:
+            return got[0]
+        with self._route_lock:      # (the runner asks under its lock, proxies ahead of it)
+            idx = _route_oif(self._ipr, socket.inet_ntoa(dst))
+        idx = idx if idx in self.ifindexes else 0
+        if len(self._routes) >= ROUTE_CACHE_MAX:
+            self._routes = {k: v for k, v in self._routes.items() if now < v[1]}
+        self._routes[dst] = (idx, now + ROUTE_TTL)
         return idx
 
     def put(self, key: bytes, value: bytes) -> None:
@@ -389,11 +408,9 @@ def _ncpus() -> int:
         return os.cpu_count() or 1
 
 
-def _route_oif(dst: str) -> int:
-    from pyroute2 import IPRoute
+def _route_oif(ipr, dst: str) -> int:
     try:
-        with IPRoute() as ipr:
-            routes = ipr.route("get", dst=dst)
+        routes = ipr.route("get", dst=dst)
     except Exception:   # noqa: BLE001 - pyroute2 raises NetlinkError and friends
         return 0
     for r in routes:

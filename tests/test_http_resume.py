@@ -1,0 +1,73 @@
+"""Spliced responses one after another on one keep-alive connection: no RTO.
+
+Two bugs made every spliced response wait for an origin retransmission timeout
+(~200 ms) without losing a byte, so byte-exact tests could not see them:
+  * the first splice of a process imported pyroute2 (the fast path's route lookup)
+    with the runner's lock held, and the segments queued meanwhile came too late;
+  * a socket rebuilt at a resume offered a smaller receive window than the origin
+    had been offered through the splice, and dropped what the origin sent past it.
+With no loss injected, no retransmission timer may fire: the namespaces'
+TcpExtTCPTimeouts stay where they were.  (Fast retransmissions do happen: packets still
+in the queue when a pair turns fast are overtaken by the program's, and the reordering
+makes the origin resend segments the client had; DSACKs show they were spurious.)
+"""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from netns_lab.origins import NginxOrigin
+from netns_lab.topology import Lab
+from tests.splicer import raw_rules
+from tests.test_http_proxy import PROXY, HTTPProxyProc, curl
+
+pytestmark = pytest.mark.root
+
+FAST, QUEUED = 8070, 8071
+
+
+@pytest.fixture(scope="module")
+def env():
+    with Lab("hrs") as lab, NginxOrigin(lab) as ngx:
+        sha = ngx.add_file("one.bin", 4 << 20, seed=5)
+        up = ["--upstream", f"http://{ngx.addr}:{ngx.port}"]
+        procs = {FAST: HTTPProxyProc(lab, FAST, *up, "--queue", "40", "--fastpath", "on", "--ports", "61000-61499",
+                                     instance="hrs-fast"),
+                 QUEUED: HTTPProxyProc(lab, QUEUED, *up, "--queue", "42", "--fastpath", "off",
+                                       "--ports", "61500-61999", instance="hrs-queued")}
+        try:
+            yield lab, sha, procs
+        finally:
+            codes = [p.stop() for p in procs.values()]
+            assert codes == [0, 0], codes
+            assert "NFSPLICE" not in raw_rules(lab)
+
+
+def timeouts(lab, ns: str) -> int:
+    """Retransmission timeouts in NS so far (RTOs: a segment or an ACK was lost)."""
+    out = lab.run(ns, "nstat", "-az", "TcpExtTCPTimeouts").stdout.decode()
+    for line in out.splitlines():
+        if line.startswith("TcpExtTCPTimeouts"):
+            return int(line.split()[1])
+    raise AssertionError(f"nstat printed no TcpExtTCPTimeouts: {out!r}")
+
+
+@pytest.mark.parametrize("port", [FAST, QUEUED])
+def test_spliced_responses_in_a_row_wait_for_no_timeout(env, port):
+    lab, sha, procs = env
+    before = {ns: timeouts(lab, ns) for ns in (lab.origin, lab.client)}
+    n = 8
+    args = []
+    for _ in range(n):
+        args += ["-o", "-", f"http://{PROXY}:{port}/one.bin"]
+    r = curl(lab, "-w", "%{num_connects}", *args)
+    assert r.returncode == 0, r.stderr
+    body = r.stdout
+    for i in range(n):
+        part = body[i * ((4 << 20) + 1):(i + 1) * ((4 << 20) + 1)]
+        assert hashlib.sha256(part[:-1]).hexdigest() == sha and part[-1:] == (b"1" if i == 0 else b"0"), i
+    lines = [l for l in procs[port].access_lines() if " GET /one.bin " in l][-n:]
+    assert sum(" spliced " in l for l in lines) >= n - 1, lines      # (the first may be delivered whole)
+    after = {ns: timeouts(lab, ns) for ns in (lab.origin, lab.client)}
+    assert after == before, f"retransmission timeouts without loss: {before} -> {after}"
