@@ -112,8 +112,11 @@ def test_upload_then_requests_on_the_same_connections(env, port):
     reqs = so.requests()
     assert len({q["conn"] for q in reqs}) == 1, reqs
     assert [q["body_length"] for q in reqs] == [2 << 20, 700000, 0]
-    lines = [l for l in procs[port].access_lines() if " POST /echo?discard=1 " in l][-2:]
-    assert all(" spliced " in l for l in lines), lines
+    first, second = [l for l in procs[port].access_lines() if " POST /echo?discard=1 " in l][-2:]
+    assert " spliced " in first, first
+    # (After a resume the windows are wide open: the whole second body may have reached
+    # the proxy's socket before the hand-off, and then the proxy copied it.)
+    assert " spliced " in second or " copied " in second, second
 
 
 @pytest.mark.parametrize("port", [FAST, QUEUED])
