@@ -17,7 +17,12 @@ thread per connection, keep-alive and pipelining; the request path picks the beh
 
     /len/<n>                  Content-Length body
     /chunked/<n>/<c>          chunked, chunks of c bytes; ?trailer=1 adds a trailer
-                              (X-Trailer-SHA256), ?ext=1 chunk extensions ";i=<index>"
+                              (X-Trailer-SHA256), ?ext=1 chunk extensions ";i=<index>",
+                              ?mix=<seed> chunk sizes drawn from 1..c (a quarter of them
+                              1 byte), ?pause=<k> sleeps 0.3 s once k body bytes went
+                              (the proxy hands off meanwhile), ?bad_at=<k> puts a malformed
+                              chunk-size line ("zz") in front of the first chunk from
+                              body offset k on and carries on as if nothing happened
     /close/<n>                no Content-Length, body ends with the connection
                               (Connection: close is sent unless ?bare=1)
     /head-only/<n>            HEAD: headers announcing n bytes, no body; other methods 405
@@ -30,6 +35,7 @@ thread per connection, keep-alive and pipelining; the request path picks the beh
     /upgrade                  with "Upgrade: echo": 101, then echoes raw bytes until EOF
     /truncate/<n>/<k>         Content-Length n, k < n bytes, then FIN
     /truncate-chunked/<n>[/<c>]  chunked body without its last-chunk, then FIN
+    /reset-chunked/<n>[/<c>]  the same, then RST (once everything sent is acknowledged)
     /reset/<n>/<k>            Content-Length n, k bytes (waits until acknowledged), RST
     /half-close/<n>           Content-Length body, shutdown(SHUT_WR), keeps reading until
                               EOF; logs an event "half-close-read" with what it read
@@ -79,6 +85,7 @@ import hashlib
 import itertools
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -167,7 +174,7 @@ def expected_length(path: str) -> int:
         args = [int(x) for x in nums]
     except ValueError:
         raise ValueError(f"not a numeric path: {path}") from None
-    if kind in ("len", "close", "half-close", "extra", "truncate-chunked") and args:
+    if kind in ("len", "close", "half-close", "extra", "truncate-chunked", "reset-chunked") and args:
         return args[0]
     if kind == "chunked" and len(args) == 2:
         return args[0]
@@ -528,10 +535,20 @@ class _Conn:
         for v in iter_stream(offset, n):
             self.send(v)
 
-    def send_chunked(self, n: int, c: int, ext: bool, last: bytes | None) -> None:
+    def send_chunked(self, n: int, c: int, ext: bool, last: bytes | None, mix: int | None = None,
+                     pause: int | None = None, bad_at: int | None = None) -> None:
         out, off, i = bytearray(), 0, 0
+        rnd = random.Random(mix)
         while off < n:
-            size = min(c, n - off)
+            size = min(c if mix is None else (1 if rnd.random() < 0.25 else rnd.randint(1, c)), n - off)
+            if bad_at is not None and off >= bad_at:
+                out += b"zz\r\n"
+                bad_at = None
+            if pause is not None and off >= pause:
+                self.send(out)
+                out.clear()
+                time.sleep(0.3)
+                pause = None
             out += b"%x" % size
             if ext:
                 out += b";i=%d" % i
@@ -712,7 +729,9 @@ class _Conn:
             self.send(self.head(req, 200, hdrs, close))
             if not head_only:
                 last = b"0\r\n" + (f"X-Trailer-SHA256: {stream_sha256(n)}\r\n".encode() if trailer else b"") + b"\r\n"
-                self.send_chunked(n, c, bool(req.q("ext")), last)
+                num = lambda k: None if req.q(k) is None else int(req.q(k))  # noqa: E731
+                self.send_chunked(n, c, bool(req.q("ext")), last, mix=num("mix"), pause=num("pause"),
+                                  bad_at=num("bad_at"))
             return fin
         if kind == "close" and need(1):
             h = self.head(req, 200, extra, close=not req.q("bare"))
@@ -766,6 +785,12 @@ class _Conn:
             self.send(self.head(req, 200, [("Transfer-Encoding", "chunked")]))
             self.send_chunked(n, max(1, c), False, None)
             return "close"
+        if kind == "reset-chunked" and (need(1) or need(2)):
+            n, c = nums[0], (nums[1] if len(nums) == 2 else 4096)
+            self.send(self.head(req, 200, [("Transfer-Encoding", "chunked")]))
+            self.send_chunked(n, max(1, c), False, None)
+            self.reset()
+            return "done"
         if kind == "reset" and need(2) and nums[1] <= nums[0]:
             n, k = nums
             self.send_stream(0, k, prefix=self.head(req, 200, [("Content-Length", str(n))] + extra))

@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--no-splice", action="store_true", help="copy every byte (the baseline); no rules, no root")
     h.add_argument("--splice-threshold", type=size, default="2MiB",
                    help="splice response bodies of at least this many bytes (65536, 64KiB, 1MiB) [%(default)s]")
+    h.add_argument("--splice-chunk", type=size, default="8MiB",
+                   help="splice a chunked response body (once --splice-threshold bytes of it were "
+                   "copied) from a chunk with at least this many bytes left; 0: whatever its chunk "
+                   "sizes. Every chunk boundary costs a trip through the queue [%(default)s]")
     h.add_argument("--connect-ports", default="443", help="ports CONNECT may reach [%(default)s]")
     h.add_argument("--access-log", default="-", help="file, - (stderr) or off [%(default)s]")
     h.add_argument("--header-timeout", type=float, default=10.0, help="request head within [%(default)s] s")

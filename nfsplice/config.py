@@ -11,6 +11,7 @@ overrides them for its listener.  Only --listen and --upstream cannot go with --
     upstreams = ["http://198.18.2.2:8000", "http://198.18.2.3:8000"]
     splice = true                              # false: copy every byte (--no-splice)
     splice_threshold = "64KiB"                 # --splice-threshold; sizes: 65536, "64KiB", "1MiB"
+    splice_chunk = "8MiB"                      # --splice-chunk
     max_header_bytes = "32KiB"                 # --max-header-bytes
     max_connections = 4096                     # --max-connections
     connect_ports = [443]                      # --connect-ports (forward proxy, CONNECT)
@@ -159,6 +160,7 @@ LISTENER_KEYS = {
     "upstreams": lambda s, v, w: {"upstreams": _upstreams(v, w)},
     "splice": lambda s, v, w: {"splice": _bool(v)},
     "splice_threshold": lambda s, v, w: {"threshold": parse_size(v)},
+    "splice_chunk": lambda s, v, w: {"chunk_threshold": parse_size(v)},
     "max_header_bytes": lambda s, v, w: _max_header_bytes(s, parse_size(v)),
     "max_connections": lambda s, v, w: {"max_connections": _integer(v, 1)},
     "connect_ports": lambda s, v, w: {"connect_ports": _ports(v)},

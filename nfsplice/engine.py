@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from . import packet, seq
 from .packet import ACK, FIN, RST, SYN, Malformed, TCPView, Translation
+from .proxy.http1 import PeerError
 from .queue.base import HOOK_LOCAL_OUT
 
 C2S, S2C = 0, 1
@@ -93,6 +94,22 @@ class Held:
 
 
 @dataclass
+class Follower:
+    """A direction whose message end is found by walking its chunked framing: SCANNER
+    (a `ChunkedScanner`, or anything with its feed/advance/data_end/offset/done) and
+    BASE, the sender's sequence number of the scanner's offset 0."""
+    scanner: object
+    base: int
+
+    def position(self) -> int:
+        """The tentative end: where the chunk-data being forwarded ends, or (outside
+        chunk-data) the first framing byte not scanned yet."""
+        sc = self.scanner
+        at = sc.data_end
+        return seq.add(self.base, sc.offset if at is None else at)
+
+
+@dataclass
 class Pair:
     client: Endpoint
     proxy_a: Endpoint     # the proxy's side of connection A (listen address)
@@ -121,6 +138,10 @@ class Pair:
     owner: object = None  # the proxy's handle (its sockets), given back on forget
     frozen: tuple | None = None   # (SocketState A, SocketState B) at the splice
     end_seq: list = field(default_factory=lambda: [None, None])  # message end per direction
+    # False while end_seq is a chunked direction's tentative end (Follower.position):
+    # only a final end is acknowledged, resumed at, or cut at as an overrun.
+    end_final: list = field(default_factory=lambda: [True, True])
+    follow: list = field(default_factory=lambda: [None, None])   # a Follower per chunked direction
     end_fin: list = field(default_factory=lambda: [True, True])   # FIN at the end may pass
     next_seq: list = field(default_factory=lambda: [None, None])  # highest seq+len seen per side
     # Per direction, the right edge of the receive window its translated packets offered
@@ -280,8 +301,9 @@ class Engine:
             pair.held.append(Held(handle, bytearray(buf), csum_partial, d))
             c["held.resuming"] += 1
             return Decision.HOLD
+        broken = pair.follow[d] is not None and self._follow(pair, d, v)
         end = pair.end_seq[d]
-        if (pair.resumable and end is not None and v.payload_len
+        if (pair.resumable and end is not None and pair.end_final[d] and v.payload_len
                 and seq.gt(seq.add(v.seq, v.payload_len), end)):
             # Bytes past a message end of a pair that will resume: the next request,
             # often on the very segment that acknowledges the response's last byte.
@@ -290,15 +312,22 @@ class Engine:
             # retransmission timeout.  A copy has no queue entry: it is sent again.
             pair.held.append(Held(None, _whole(buf, v, csum_partial), False, d))
             c["held.next_message"] += 1
+        plen = v.payload_len
         try:
-            self._forward(pair, d, v, csum_partial)
+            out = self._forward(pair, d, v, csum_partial)
         except Malformed as e:
             c["malformed." + e.reason] += 1
             c["dropped.malformed_spliced"] += 1
             return Decision.DROP
         if self.fast:
             self._fast_check(pair)
-        return Decision.MANGLE
+        decision = Decision.MANGLE
+        if self.trimmed is not None and self._cut_to_a_segment(pair, d, plen, out):
+            self.trimmed = None
+            decision = Decision.DROP
+        if broken:     # after the bytes before the bad framing, never ahead of them
+            self._reset_both(pair, "chunked_malformed")
+        return decision
 
     def _handoff(self, pair: Pair, d: int, v: TCPView, buf, csum_partial: bool, handle) -> Decision:
         """A packet of a pair whose sockets still belong to the proxy application.
@@ -352,13 +381,14 @@ class Engine:
         truncated = False
         if end is not None:
             over = seq.diff(seq.add(v.seq, v.payload_len), end)
-            if over > 0 or (v.flags & FIN and over == 0 and not pair.end_fin[d]):
+            if over > 0 or (v.flags & FIN and over == 0 and not pair.end_fin[d] and pair.end_final[d]):
                 v = self._cut_at_end(pair, d, v, max(over, 0))
                 csum_partial = True    # the payload changed: summed in full
             elif v.flags & FIN and not pair.end_fin[d]:
                 # A FIN before the end of a message after which the connection was to
-                # go on (an upload): the message is cut short.  The FIN reaches the
-                # receiver, which sees it so; the pair cannot resume and ends at once.
+                # go on (an upload; at a tentative end, chunked framing not finished):
+                # the message is cut short.  The FIN reaches the receiver, which sees
+                # it so; the pair cannot resume and ends at once.
                 truncated = True
         flags = v.flags
         plen = v.payload_len
@@ -376,7 +406,7 @@ class Engine:
         if flags & FIN:
             pair.fin_seq[d] = seq.add(v.seq, plen)
         o = 1 - d
-        if (flags & ACK and pair.end_seq[o] is not None and not pair.end_acked[o]
+        if (flags & ACK and pair.end_seq[o] is not None and pair.end_final[o] and not pair.end_acked[o]
                 and seq.ge(seq.add(v.ack, tr.ack_delta), pair.end_seq[o])):
             pair.end_acked[o] = True
             if all(pair.end_seq[x] is None or pair.end_acked[x] for x in (C2S, S2C)):
@@ -433,14 +463,20 @@ class Engine:
     def _cut_at_end(self, pair: Pair, d: int, v: TCPView, over: int) -> TCPView:
         """Nothing past a direction's message end is forwarded (an HTTP body spliced with
         its exact length): the payload beyond it is cut off and a FIN that would follow
-        it dropped; what the segment acknowledges still goes on."""
+        it dropped; what the segment acknowledges still goes on.  Past a tentative end
+        (chunked framing not scanned yet: the segment holding it was lost or comes out
+        of order) the cut is no overrun: the receiver never acknowledges those bytes,
+        so the sender sends them again, and by then the end has moved on."""
         c = self.counters
         plen = v.payload_len
         cut = min(over, plen)
         flags = v.flags
         if over > plen or (over and flags & FIN) or (flags & FIN and not pair.end_fin[d]):
             flags &= ~FIN
-        if cut:
+        if cut and not pair.end_final[d]:
+            c["chunked.cut_ahead_bytes"] += cut
+            c["chunked.cut_ahead"] += 1
+        elif cut:
             c["dropped.beyond_message_bytes"] += cut
             c["trimmed.beyond_message"] += 1
             pair.overrun = True
@@ -452,6 +488,62 @@ class Engine:
         struct.pack_into("!H", b, 2, n)
         self.trimmed = n
         return TCPView(b[:n])
+
+    def _cut_to_a_segment(self, pair: Pair, d: int, plen: int, v: TCPView) -> bool:
+        """Was V, cut at a message end from PLEN payload bytes, a GSO packet that is now
+        one segment or less?  The kernel drops such a packet once its verdict re-sets
+        the payload (the checksum state becomes "none", and segmenting a GSO packet no
+        longer than its gso_size fails), so the receiver would get the bytes before the
+        end only by a retransmission, after an RTO.  Then a copy of V is sent instead
+        (injected) and the caller drops the queued packet: True.  The gso_size is not
+        in the queue's metadata; a packet longer than the outgoing connection's MSS
+        cannot be a single segment, and what is left then fits one."""
+        st = pair.frozen[0 if d == S2C else 1] if pair.frozen else None
+        if st is None or not st.mss or plen <= st.mss or v.payload_len > st.mss:
+            return False
+        self.injected.append(bytearray(v.buf))
+        self.counters["cut.reinjected"] += 1
+        return True
+
+    def _follow(self, pair: Pair, d: int, v: TCPView) -> bool:
+        """Chunked framing in direction D: when V's payload holds the direction's
+        tentative end, scan it from there (the chunk-data before it was forwarded
+        unread, maybe by the fast path) and move the end on: to where the next
+        chunk-data ends, to the next byte to scan, or, once the last chunk and the
+        trailer section went by, to the final message end.  A packet wholly before the
+        tentative end needs nothing; one wholly past it is cut (`_cut_at_end`).
+
+        Malformed framing is the sender's fault: counted (`chunked.malformed`), the
+        end stays where this packet's scan began (nothing from there on reaches the
+        receiver) and True is returned: the caller resets both sides once the packet
+        went on (a RST ahead of the bytes before the end would be ignored, RFC 5961),
+        so the receiver holds a truncated message, never a complete-looking one."""
+        plen = v.payload_len
+        if not plen:
+            return False
+        f = pair.follow[d]
+        k = seq.diff(pair.end_seq[d], v.seq)
+        if k < 0 or k >= plen:
+            return False
+        sc = f.scanner
+        c = self.counters
+        c["chunked.scanned"] += 1
+        try:
+            if sc.data_end is not None:
+                sc.advance(sc.data_remaining)
+            n = sc.feed(v.payload()[k:])
+        except PeerError:
+            c["chunked.malformed"] += 1
+            pair.follow[d] = None
+            return True
+        if sc.done:
+            pair.end_seq[d] = seq.add(v.seq, k + n)
+            pair.end_final[d] = True
+            pair.follow[d] = None
+            c["chunked.ends"] += 1
+        else:
+            pair.end_seq[d] = f.position()
+        return False
 
     def _closing(self, pair: Pair) -> None:
         if pair.state < State.CLOSING:
@@ -467,6 +559,9 @@ class Engine:
         packets for the rules (the engine handles every one); "handoff", the same but
         pure ACKs pass unmarked (in HANDOFF the engine only lets them through); or per direction
         (message end, acknowledgement watch, tap) for flows the program forwards itself.
+        A chunked direction's end is its tentative one: the program punts the packet
+        holding the next framing bytes, so the engine scans it, and the flows are
+        written again each time the end moves; only a final end is watched.
         Only a plainly spliced pair is fast; a hand-off, a message end or FIN being
         acknowledged, a reset, an overrun and a resume are not, nor a pair with a tap
         unless the program can tap (fast_tap)."""
@@ -482,7 +577,8 @@ class Engine:
         sig = []
         for d in (C2S, S2C):
             o = 1 - d
-            watch = pair.end_seq[o] if pair.end_seq[o] is not None and not pair.end_acked[o] else None
+            watch = (pair.end_seq[o] if pair.end_seq[o] is not None and pair.end_final[o]
+                     and not pair.end_acked[o] else None)
             sig.append((pair.end_seq[d], watch, pair.tap[d] is not None))
         return tuple(sig)
 
@@ -588,7 +684,21 @@ class Engine:
         before the splice; FINISHED: directions whose FIN the proxy already passed on.
         LIMITS: per direction, how many more bytes belong to the message being spliced
         (None: until FIN); nothing past them is forwarded.  END_FIN: per direction,
-        whether a FIN right at that end may pass (the connection ends with the message)."""
+        whether a FIN right at that end may pass (the connection ends with the message).
+
+        A limit may instead be a `http1.ChunkedScanner` (either direction: upstream=True
+        for a response body, False for a request body) positioned at the first byte the
+        engine will forward, i.e. fed everything the proxy copied or drained.  The
+        engine then owns it until the pair is resumed or forgotten, and follows the
+        chunked framing in the sender's sequence space: the end is tentative (where the
+        current chunk-data ends, or the next framing byte) until the last chunk and the
+        trailer section have gone by; every packet holding framing bytes is scanned,
+        chunk-data is forwarded unread (by the fast path too).  Bytes past a tentative
+        end (a lost or reordered segment) are cut without counting as an overrun; only
+        the final end is acknowledged, resumed at (RESUME) and cut at like a byte
+        count.  Malformed framing resets both sides (`chunked.malformed`).  A scanner
+        already `done` is a limit of 0.  After a resume, the scanner's `offset` is the
+        body's length on the wire."""
         if pair.state != State.HANDOFF:
             raise ValueError(f"{pair.describe()}: splice in state {pair.state.name}")
         ts_on = a.timestamps and b.timestamps
@@ -614,8 +724,17 @@ class Engine:
         pair.resumable = resume and any(x is not None for x in limits)
         pair.spliced_at = pair.progress_at = self.clock()
         for d, limit in enumerate(limits):
-            if limit is not None:
-                pair.end_seq[d] = seq.add(a.rcv_seq if d == C2S else b.rcv_seq, limit)
+            rcv = a.rcv_seq if d == C2S else b.rcv_seq
+            if limit is None:
+                continue
+            if isinstance(limit, int):
+                pair.end_seq[d] = seq.add(rcv, limit)
+            elif limit.done:
+                pair.end_seq[d] = rcv
+            else:
+                f = pair.follow[d] = Follower(limit, seq.add(rcv, -limit.offset))
+                pair.end_seq[d] = f.position()
+                pair.end_final[d] = False
         # Stream offsets for the tap: the receiving proxy socket's rcv_nxt is where the
         # spliced bytes start; the proxy itself moved `copied` bytes before that.
         # A FIN the socket already took occupies one sequence number but no stream byte.
@@ -629,7 +748,7 @@ class Engine:
         pair.state = State.SPLICED
         self.counters["pairs.spliced"] += 1
         if self.splice_log is not None:
-            self.splice_log(splice_record(pair, a, b, copied, finished))
+            self.splice_log(splice_record(pair, a, b, copied, finished, limits))
         if finished[C2S] and finished[S2C]:
             self._closing(pair)
         out = self._release(pair, rewrite=True)
@@ -659,11 +778,19 @@ class Engine:
                 continue
             v = TCPView(memoryview(h.buf))
             self.trimmed = None
-            self._forward(pair, h.direction, v, h.csum_partial)
+            broken = pair.follow[h.direction] is not None and self._follow(pair, h.direction, v)
+            plen = v.payload_len
+            v = self._forward(pair, h.direction, v, h.csum_partial)
+            decision = Decision.MANGLE
             if self.trimmed is not None:
-                h.buf = h.buf[:self.trimmed]    # (the view above still exports h.buf)
                 self.trimmed = None
-            out.append((h.handle, Decision.MANGLE, h.buf))
+                if self._cut_to_a_segment(pair, h.direction, plen, v):
+                    decision = Decision.DROP
+                else:
+                    h.buf = h.buf[:len(v.buf)]    # (the view above still exports h.buf)
+            out.append((h.handle, decision, h.buf))
+            if broken:
+                self._reset_both(pair, "chunked_malformed")
         self.counters["released"] += len(held)
         return out
 
@@ -829,13 +956,17 @@ def endpoint_from_str(text: str) -> Endpoint:
     return Endpoint(bytes(int(x) for x in host.split(".")), int(port))
 
 
-def splice_record(pair: Pair, a: SocketState, b: SocketState, copied, finished) -> dict:
+def splice_record(pair: Pair, a: SocketState, b: SocketState, copied, finished,
+                  limits=(None, None)) -> dict:
     """Everything `splice()` used, as JSON-able data: replay and tests rebuild the exact
-    translation from it (`pair_from_record`)."""
+    translation from it (`pair_from_record`).  The message ends (LIMITS: a byte count,
+    None, or "chunked" for a scanner) are recorded for the reader; replay does not
+    apply them (see replay.py)."""
     return {"pair": pair.id, "client": _endpoint_str(pair.client), "proxy_a": _endpoint_str(pair.proxy_a),
             "proxy_b": _endpoint_str(pair.proxy_b), "server": _endpoint_str(pair.server),
             "a": a.__dict__.copy(), "b": b.__dict__.copy(), "copied": list(copied),
             "finished": list(finished), "tsval": list(pair.tsval), "ts_ref": list(pair.ts_ref),
+            "limits": [x if x is None or isinstance(x, int) else "chunked" for x in limits],
             "window_update": True, "time": time.time()}
 
 

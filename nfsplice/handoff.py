@@ -49,7 +49,8 @@ class HandoffError(Exception):
 class Drained:
     copied: list        # bytes moved across per direction (C2S: client -> upstream)
     finished: list      # directions whose FIN was passed on (shutdown of the other side)
-    limits: list        # what is left of each direction's limit (None: unlimited)
+    limits: list        # what is left of each direction's limit (None: unlimited; a
+                        # scanner that saw its message end: 0)
     dropped: int = 0    # bytes past a limit, read and thrown away
     kept: list = field(default_factory=lambda: [bytearray(), bytearray()])   # ... or kept (KEEP)
 
@@ -60,7 +61,8 @@ def drain(csock: socket.socket, usock: socket.socket, timeout: float, *, limits=
 
     Called after the pair was registered (so nothing new arrives); returns once neither
     socket holds unread bytes and both send queues are acknowledged, which `freeze`
-    needs.  A direction with a limit forwards at most that many more bytes; the rest is
+    needs.  A direction with a limit forwards at most that many more bytes (a limit
+    may also be a scanner of the message's framing, see `within`); the rest is
     read and dropped (it is past the message being spliced), or, for a direction KEEP
     says, returned in `kept` (a client's pipelined requests, for the proxy to answer
     after the spliced message).  ON_DATA(direction, offset,
@@ -92,13 +94,15 @@ def drain(csock: socket.socket, usock: socket.socket, timeout: float, *, limits=
                 continue
             left = out.limits[d]
             if left is not None:
-                if len(data) > left:
+                n = within(left, data)
+                if len(data) > n:
                     if keep[d]:
-                        out.kept[d] += data[left:]
+                        out.kept[d] += data[n:]
                     else:
-                        out.dropped += len(data) - left
-                    data = data[:left]
-                out.limits[d] = left - len(data)
+                        out.dropped += len(data) - n
+                    data = data[:n]
+                if isinstance(left, int):
+                    out.limits[d] = left - n
             if not data:
                 continue
             if on_data is not None:
@@ -110,12 +114,26 @@ def drain(csock: socket.socket, usock: socket.socket, timeout: float, *, limits=
         if moved:
             continue
         if all(outq(s) == 0 and inq(s) == 0 for s in (csock, usock)):
+            out.limits = [0 if x is not None and not isinstance(x, int) and x.done else x
+                          for x in out.limits]
             return out
         if time.monotonic() > deadline:
             raise HandoffError(f"sockets not quiescent after {timeout:g} s "
                                f"(unacknowledged {outq(csock)}/{outq(usock)} bytes)")
         select.select([s for d, (s, _) in enumerate(ends) if not out.finished[d]], [], [], nap)
         nap = min(nap * 2, 0.005)
+
+
+def within(limit, data) -> int:
+    """How many bytes at the start of DATA belong to the message LIMIT bounds: all of
+    them (None), at most LIMIT (an int), or what a scanner of the message's framing
+    says (an object with `done` and `feed(data) -> int`, e.g. http1.ChunkedScanner: fed
+    here, so it moves on; it raises the peer's error on malformed framing)."""
+    if limit is None:
+        return len(data)
+    if isinstance(limit, int):
+        return min(limit, len(data))
+    return 0 if limit.done else limit.feed(data)
 
 
 def inq(sock: socket.socket) -> int:

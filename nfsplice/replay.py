@@ -33,7 +33,10 @@ upstream handshake within a millisecond or so).  If the capture lacks that ACK (
 engine may have been spliced before the ACK reached the queue, and then dropped it),
 the splice comes right after the origin's SYN-ACK.  The recorded socket states, bytes
 copied, directions finished and last TSvals are used as they are: the translation is
-the live one, exactly.
+the live one, exactly.  Message ends are not replayed: a record's `limits` (an HTTP
+body's remaining length, or "chunked" when the engine followed chunked framing, whose
+scanner state is not recorded) are there for the reader; a pair is replayed as spliced
+until FIN, so the cuts at an end and a resume are the live run's only.
 
 Without records the pairs are learned from the handshakes, and `ReplayResult.guessed`
 says so.  An upstream connection belongs to the client connection whose payload it

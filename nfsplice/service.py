@@ -202,7 +202,8 @@ def _http_defaults(args):
         purge_from = parse_networks(args.purge_from)
     except ValueError as e:
         raise UsageError(f"--purge-from: {e}") from None
-    return Settings(splice=not args.no_splice, threshold=args.splice_threshold, connect_ports=connect_ports,
+    return Settings(splice=not args.no_splice, threshold=args.splice_threshold,
+                    chunk_threshold=args.splice_chunk, connect_ports=connect_ports,
                     limits=http1.Limits(max_head_bytes=args.max_header_bytes),
                     timeouts=Timeouts(header=args.header_timeout, idle=args.keepalive_timeout,
                                       connect=args.connect_timeout, response=args.response_timeout,

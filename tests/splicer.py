@@ -101,6 +101,23 @@ class Splicer:
         return out
 
 
+def instance_stats(instance: str, newer_than: float = 0.0) -> dict:
+    """The counters the running instance INSTANCE wrote (/run/nfsplice/INSTANCE.json)
+    after NEWER_THAN (time.time()); waits up to 10 s for them, then fails."""
+    path = f"/run/nfsplice/{instance}.json"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with open(path) as f:
+                st = json.load(f)
+        except (FileNotFoundError, ValueError):    # (not written yet, or being written)
+            st = {"time": 0.0}
+        if st.get("time", 0.0) > newer_than:
+            return st
+        assert time.monotonic() < deadline, f"{path} not written since {newer_than}"
+        time.sleep(0.2)
+
+
 def raw_rules(lab) -> str:
     return lab.run(lab.proxy, "iptables-save", "-t", "raw").stdout.decode()
 

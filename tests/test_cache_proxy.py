@@ -10,7 +10,6 @@ the origin sends; `origin_hits` counts what reached the origin.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -27,6 +26,7 @@ from netns_lab.origins import ScriptedOrigin, expected_sha256, raw_exchange, str
 from netns_lab.topology import Lab
 from nfsplice.cache.store import Store
 from tests.splicer import REPO, raw_rules
+from tests.splicer import instance_stats as stats
 from tests.test_http_proxy import HTTPProxyProc
 
 pytestmark = pytest.mark.root
@@ -109,21 +109,6 @@ def q(path: str, t: str, **params) -> str:
 
 def origin_hits(so, path: str, method: str = "GET") -> list[dict]:
     return [r for r in so.requests() if r["target"] == path and r["method"] == method]
-
-
-def stats(instance: str, newer_than: float = 0.0) -> dict:
-    path = f"/run/nfsplice/{instance}.json"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with open(path) as f:
-                st = json.load(f)
-        except (FileNotFoundError, ValueError):
-            st = {"time": 0.0}
-        if st["time"] > newer_than or time.monotonic() > deadline:
-            assert st["time"], f"{path} never written"
-            return st
-        time.sleep(0.2)
 
 
 def cache_cli(lab, *args: str) -> subprocess.CompletedProcess:

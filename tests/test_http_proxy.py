@@ -19,7 +19,7 @@ import pytest
 from netns_lab.origins import (BAD_CASES, NginxOrigin, ScriptedOrigin, expected_length, expected_sha256,
                                raw_exchange, raw_request, stream_bytes)
 from netns_lab.topology import Lab
-from tests.splicer import REPO, proxy_sockets, raw_rules
+from tests.splicer import REPO, instance_stats, proxy_sockets, raw_rules
 
 pytestmark = pytest.mark.root
 
@@ -37,9 +37,11 @@ class HTTPProxyProc:
         ready = os.path.join(self.dir, "ready")
         self.log = open(os.path.join(self.dir, "stderr.log"), "w")
         listen = ["--listen", f"{PROXY}:{port}"] if port is not None else []
-        # The tests splice from 64 KiB on (the default, 2 MiB, is what pays off in CPU;
-        # the tests want many spliced bodies of every size); ARGS may override it.
-        argv = [sys.executable, "-m", "nfsplice", "http", "--splice-threshold", "64KiB", *listen, "--instance", instance,
+        # The tests splice from 64 KiB on, chunked bodies whatever their chunk sizes (the
+        # defaults, 2 MiB and 8 MiB chunks, are what pays off in CPU; the tests want many
+        # spliced bodies of every size and framing); ARGS may override them.
+        argv = [sys.executable, "-m", "nfsplice", "http", "--splice-threshold", "64KiB", "--splice-chunk", "0",
+                *listen, "--instance", instance,
                 "--ready-file", ready, "--access-log", self.access, "--linger", "1", *args]
         self.proc = lab.popen(lab.proxy, *argv, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
@@ -76,6 +78,13 @@ class HTTPProxyProc:
         return self.proc.returncode
 
 
+def stop_all(lab, procs) -> None:
+    """Stop every HTTPProxyProc of PROCS: each must exit 0 and leave no rule."""
+    codes = {p.instance: p.stop() for p in procs}
+    assert set(codes.values()) == {0}, codes
+    assert "NFSPLICE" not in raw_rules(lab)
+
+
 @pytest.fixture(scope="module")
 def env():
     with Lab("hpx") as lab, ScriptedOrigin(lab) as so, NginxOrigin(lab) as ngx:
@@ -88,9 +97,7 @@ def env():
         try:
             yield lab, so, ngx, {SPLICED: spliced, COPIED: copied, FORWARD: forward}
         finally:
-            codes = {p.instance: p.stop() for p in (spliced, copied, forward)}
-            assert codes == {"hpx-spliced": 0, "hpx-copied": 0, "hpx-forward": 0}, codes
-            assert "NFSPLICE" not in raw_rules(lab)
+            stop_all(lab, (spliced, copied, forward))
 
 
 def curl(lab, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -412,7 +419,7 @@ def test_slowloris_does_not_stop_a_normal_client(env):
 ORIGIN_A, ORIGIN_B, DEAD_1, DEAD_2 = 8001, 8002, 8009, 8008
 ONE_A, ONE_B, ROUND_ROBIN, ONE_DEAD, ALL_DEAD = 8080, 8090, 8100, 8110, 8120
 ORIGIN = "198.18.2.2"
-STATS = "/run/nfsplice/cfg-multi.json"
+STATS = "/run/nfsplice/cfg-multi.json"   # (instance_stats reads it)
 
 MULTI_CONFIG = f"""\
 # One process, five listeners (tests/test_http_proxy.py)
@@ -466,18 +473,7 @@ def multi():
 
 def stats(newer_than: float = 0.0) -> dict:
     """The counters of the config-file instance, written after NEWER_THAN (time.time())."""
-    import json
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with open(STATS) as f:
-                st = json.load(f)
-        except FileNotFoundError:
-            st = {"time": 0.0}
-        if st["time"] > newer_than or time.monotonic() > deadline:
-            assert st["time"], f"{STATS} never written"
-            return st
-        time.sleep(0.2)
+    return instance_stats("cfg-multi", newer_than)
 
 
 def fetch(lab, port: int, path: str) -> bytes:

@@ -19,8 +19,7 @@ import pytest
 
 from netns_lab.origins import NginxOrigin
 from netns_lab.topology import Lab
-from tests.splicer import raw_rules
-from tests.test_http_proxy import PROXY, HTTPProxyProc, curl
+from tests.test_http_proxy import PROXY, HTTPProxyProc, curl, stop_all
 
 pytestmark = pytest.mark.root
 
@@ -39,9 +38,7 @@ def env():
         try:
             yield lab, sha, procs
         finally:
-            codes = [p.stop() for p in procs.values()]
-            assert codes == [0, 0], codes
-            assert "NFSPLICE" not in raw_rules(lab)
+            stop_all(lab, procs.values())
 
 
 def timeouts(lab, ns: str) -> int:

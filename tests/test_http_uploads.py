@@ -9,7 +9,6 @@ stores a PUT that is then read back.  With and without the fast path, with 1 % l
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 import time
@@ -18,8 +17,8 @@ import pytest
 
 from netns_lab.origins import NginxOrigin, ScriptedOrigin, raw_exchange
 from netns_lab.topology import Lab
-from tests.splicer import raw_rules
-from tests.test_http_proxy import PROXY, HTTPProxyProc, curl, sha
+from tests.splicer import instance_stats
+from tests.test_http_proxy import PROXY, HTTPProxyProc, curl, sha, stop_all
 
 pytestmark = pytest.mark.root
 
@@ -42,9 +41,7 @@ def env():
         try:
             yield lab, so, ngx, procs
         finally:
-            codes = {p.instance: p.stop() for p in procs.values()}
-            assert set(codes.values()) == {0}, codes
-            assert "NFSPLICE" not in raw_rules(lab)
+            stop_all(lab, procs.values())
 
 
 def body_file(n: int, seed: int) -> tuple[str, str]:
@@ -54,19 +51,6 @@ def body_file(n: int, seed: int) -> tuple[str, str]:
     with open(path, "wb") as f:
         f.write(data)
     return path, sha(data)
-
-
-def state(instance: str, newer_than: float = 0.0) -> dict:
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with open(f"/run/nfsplice/{instance}.json") as f:
-                st = json.load(f)
-        except FileNotFoundError:
-            st = {"time": 0.0}
-        if st.get("time", 0.0) > newer_than or time.monotonic() > deadline:
-            return st
-        time.sleep(0.2)
 
 
 def upload(lab, port: int, path: str, *extra: str, target: str = "/echo?discard=1") -> str:
@@ -195,7 +179,7 @@ def test_client_abort_mid_upload_frees_everything(env, port):
     raw_exchange(lab, [head, b"x" * (1 << 20), ("sleep", 0.5), ("close",)], addr=PROXY, port=port, idle=1.0)
     deadline = time.monotonic() + 20
     while True:
-        st = state(INSTANCES[port], newer_than=time.time())
+        st = instance_stats(INSTANCES[port], newer_than=time.time())
         if st.get("pairs.active") == 0 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
