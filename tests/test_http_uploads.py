@@ -203,3 +203,33 @@ def test_origin_answers_before_the_body_ends(env, port):
     assert r.stdout in (b"417", b"000"), (r.stdout, r.stderr)    # the refusal, or a visible error
     path, digest = body_file(500000, 11)
     assert f"x-body-sha256: {digest}" in upload(lab, port, path)
+
+
+@pytest.mark.parametrize("port", [FAST, QUEUED])
+@pytest.mark.parametrize("size", [300000, 5 << 20])
+def test_chunked_upload_exact_then_pipelined_request(env, port, size):
+    """A chunked request body (chunks of varied sizes, an extension, a trailer) with the
+    next request written right behind it: the body is spliced past the threshold with
+    the engine following its framing, the origin gets it whole, and the next request
+    is answered after it on the same connection."""
+    lab, so, _ngx, procs = env
+    body = hashlib.shake_256(b"chunked-up-%d" % size).digest(size)
+    wire, pos, i = bytearray(), 0, 0
+    while pos < size:
+        n = min((1, 7, 4096, 65536, 300001)[i % 5], size - pos)
+        wire += b"%x;i=%d\r\n" % (n, i) + body[pos:pos + n] + b"\r\n"
+        pos, i = pos + n, i + 1
+    wire += b"0\r\nX-Sum: done\r\n\r\n"
+    so.clear_log()
+    req = (b"POST /echo?discard=1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + wire
+           + b"GET /len/4000 HTTP/1.1\r\nHost: x\r\n\r\n")
+    res = raw_exchange(lab, [req], addr=PROXY, port=port, idle=3.0)
+    first = res.response()
+    assert first.status == 200 and first.get("x-body-sha256") == sha(body), res.data[:300]
+    second = res.response(first.head_len + int(first.get("content-length")))
+    assert second.status == 200 and int(second.get("content-length")) == 4000, res.data[-300:]
+    got = so.requests()
+    assert [q["target"] for q in got] == ["/echo?discard=1", "/len/4000"], got
+    assert got[0]["chunked"] and got[0]["body_length"] == size
+    line = procs[port].access_line(" POST /echo?discard=1 ")
+    assert " spliced " in line or (size < 1 << 20 and " copied " in line), line

@@ -10,7 +10,8 @@ Heads are read and written through the proxy's own sockets, parsed strictly by
     past the Content-Length reaches the client; the client's own bytes do not reach
     the origin while a response body is spliced);
   * a request body (an upload) framed by Content-Length of at least --splice-threshold
-    bytes: the same, with the body's length as the client's message end and nothing of
+    bytes, or chunked and still going past it (with --splice-chunk as for responses):
+    the same, with the body's length as the client's message end and nothing of
     the origin's (an early answer waits in the engine for the rebuilt socket); the
     proxy always takes both connections back to read the response (`_splice_request`);
   * a chunked response body still going after --splice-threshold bytes were copied
@@ -19,8 +20,7 @@ Heads are read and written through the proxy's own sockets, parsed strictly by
     end, the engine following the chunk framing so nothing past the last chunk and
     its trailer section reaches the client (`_chunked_response`); not when the cache
     stores the body (the fill decodes what the proxy copies);
-  * everything else (small bodies, chunked request bodies, small request bodies) is
-    copied.
+  * everything else (small bodies, chunked ones of small chunks) is copied.
 
 Keep-alive survives a spliced Content-Length or chunked body: once the client has
 acknowledged all of it, the engine holds the pair's packets and the proxy rebuilds
@@ -869,6 +869,10 @@ class HTTPProxy:
                 return False, True, False
         elif framing[0] == "length":
             ex.bytes_in += self._copy_length(client, up, framing[1], self.s.timeouts.header)
+        elif framing[0] == "chunked" and self._splices_upload(None):
+            handed = self._chunked_request(client, up, ex)
+            if handed is True:
+                return False, True, False
         elif framing[0] == "chunked":
             ex.bytes_in += self._copy_chunked(client, up, upstream=False)
         while resp is None or 100 <= resp.status < 200 and resp.status != 101:
@@ -1180,8 +1184,10 @@ class HTTPProxy:
             total += n
         return total
 
-    def _splices_upload(self, length: int) -> bool:
-        return self.runner is not None and self.s.splice and self.s.resume and length >= self.s.threshold
+    def _splices_upload(self, length: int | None) -> bool:
+        """May a request body of LENGTH bytes (None: chunked) be spliced?"""
+        return (self.runner is not None and self.s.splice and self.s.resume
+                and (length is None or length >= self.s.threshold))
 
     def _splice_request(self, client: Conn, up: Conn, ex: Exchange, length: int):
         """A request body of LENGTH bytes (an upload) spliced: what the proxy already read
@@ -1198,6 +1204,24 @@ class HTTPProxy:
             return "copied"
         ex.mode = "spliced"
         handed = self._handoff(client, up, limits=(length - n, 0), ex=ex, resume=True, upload=True)
+        if handed == "copied":
+            ex.mode = "copied"
+        return handed
+
+    def _chunked_request(self, client: Conn, up: Conn, ex: Exchange):
+        """A chunked request body: copied through a ChunkedScanner like a chunked
+        response (`_chunked_response`: --splice-threshold, --splice-chunk); the rest, if
+        any, spliced like a Content-Length upload with the scanner as the client's
+        message end.  Returns as `_splice_request`."""
+        scanner = http1.ChunkedScanner(upstream=False, limits=self.s.limits)
+        ex.bytes_in += self._copy_chunked_part(client, up, scanner, self.s.threshold, upstream=False,
+                                               chunk=self.s.chunk_threshold)
+        if scanner.done:
+            return "copied"
+        before = scanner.offset
+        ex.mode = "spliced"
+        handed = self._handoff(client, up, limits=(scanner, 0), ex=ex, resume=True, upload=True)
+        ex.bytes_in += scanner.offset - before
         if handed == "copied":
             ex.mode = "copied"
         return handed
