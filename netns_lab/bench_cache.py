@@ -22,9 +22,14 @@ rotated by one each round); reported are medians over rounds.
 2. fill: one --big cacheable miss through `nfsplice` with --cache-dir (spliced by the
    engine and tapped into the cache) against the same transfer through `nfsplice-nocache`
    (the same listener without a cache); Gbit/s and CPU-s/GiB from curl and /proc/stat.
-   Afterwards the object is fetched again through the cache and must be a hit with the
-   right sha256 (`stored`).  The ratio cached/uncached is the tap's cost (issue 4's
-   target: at least 0.9).
+   For the cached one also when the body was committed (its file appears under the
+   store's objects/, polled every 10 ms: after the fsync of the body, so mostly the
+   disk's time), and for both the nfsplice process's own CPU-s/GiB (/proc/PID/stat, all
+   threads) from the start until then, or until curl is done: the store hashes the
+   body at commit, after the transfer.  Afterwards the
+   object is fetched again through the cache and must be a hit with the right sha256
+   (`stored`).  The ratio cached/uncached is the tap's cost (issue 4's target: at
+   least 0.9).
 3. collapse: --clients curl processes started at once for the same cold --big object
    (each body written to /dev/shm, then sha256-checked against the origin's file); the
    origin's bytes sent for that URL (its access log's $bytes_sent), its request count,
@@ -55,6 +60,7 @@ from netns_lab.bench_http import (LISTEN, ORIGIN, WRK_DONE_LUA, Peer, _truncate_
                                   curl_big, curl_verify, nfsplice_counters, parse_sizes, size_label, start_peer,
                                   wait_port_free, wrk)
 from netns_lab.origins import NginxOrigin
+from netns_lab.peers.bench_tools import CLK_TCK
 from netns_lab.topology import ORIGIN_ADDR, Lab
 
 REPO = Path(__file__).resolve().parent.parent
@@ -299,6 +305,34 @@ def measure_hits(lab, ngx, files: Files, peer: Peer, s: Settings, workdir: Path,
     return recs
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) process PID used so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def committed_body(store_dir: Path, size: int, timeout: float, poll: float = 0.01) -> bool:
+    """Wait until a body of SIZE bytes is installed in the store at STORE_DIR (its file
+    under objects/XX/: renamed there at commit, right before its index row)."""
+    deadline = time.monotonic() + timeout
+    objects = store_dir / "objects"
+    while True:
+        try:
+            for sub in os.scandir(objects):
+                for f in os.scandir(sub.path):
+                    if f.stat().st_size == size:
+                        return True
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll)
+
+
 def measure_fill(lab, ngx, files: Files, peer: Peer, s: Settings, workdir: Path, rnd: int) -> dict:
     rec = {"part": "fill", "peer": peer.name, "round": rnd, "ok": False}
     path, sha = files.big
@@ -308,7 +342,12 @@ def measure_fill(lab, ngx, files: Files, peer: Peer, s: Settings, workdir: Path,
     try:
         running = _start(lab, peer, workdir, s.prefix)
         rec["background_cpus"] = wait_quiet(s.quiet_cpus, s.quiet_timeout)
+        t0, p0 = time.monotonic(), process_cpu_s(running.proc.pid)
         rec["curl"] = curl_big(lab, url, s.big)
+        if peer.name != "nfsplice-nocache" and committed_body(workdir / "cache", s.big, timeout=30):
+            rec["committed_after_s"] = time.monotonic() - t0
+        if p0 is not None:
+            rec["process_cpu_s_per_gib"] = (process_cpu_s(running.proc.pid) - p0) / (s.big / 2**30)
         running.check_alive()
         rec["origin_requests"] = len(origin_entries(ngx, uri, settle=0.2, timeout=3, at_least=1))
         if peer.name != "nfsplice-nocache":
@@ -326,8 +365,11 @@ def measure_fill(lab, ngx, files: Files, peer: Peer, s: Settings, workdir: Path,
             rec["origin_requests_after"] = len(origin_entries(ngx, uri, settle=0.2, timeout=3))
         rec["ok"] = True
         c = rec["curl"]
+        committed = "" if "committed_after_s" not in rec else f" committed after {rec['committed_after_s']:.2f} s"
+        if "process_cpu_s_per_gib" in rec:
+            committed += f", nfsplice process {rec['process_cpu_s_per_gib']:.2f} CPU-s/GiB"
         s.log(f"round {rnd} fill {peer.name:16s} {c['gbps']:6.2f} Gbit/s {c['cpu_s_per_gib']:5.2f} CPU-s/GiB "
-              f"stored {rec.get('stored', '-')} [{rec.get('status_after', '')}]")
+              f"stored {rec.get('stored', '-')}{committed} [{rec.get('status_after', '')}]")
     except (PeerFailed, RunFailed) as e:
         rec["error"] = _err(e, running)
         s.log(f"round {rnd} fill {peer.name:16s} FAILED: {rec['error']}")
@@ -425,7 +467,11 @@ def summarize(runs: list[dict], s_meta: dict) -> dict:
             out["fill"][name] = {"runs": len(mine), "ok_runs": len(ok), "gbps": _median(g),
                                  "gbps_min": min(g, default=None), "gbps_max": max(g, default=None),
                                  "cpu_s_per_gib": _median([r["curl"]["cpu_s_per_gib"] for r in ok]),
-                                 "stored": sum(1 for r in ok if r.get("stored")) if name == "nfsplice" else None}
+                                 "stored": sum(1 for r in ok if r.get("stored")) if name == "nfsplice" else None,
+                                 "committed_after_s": _median([r["committed_after_s"] for r in ok
+                                                               if "committed_after_s" in r]),
+                                 "process_cpu_s_per_gib": _median([r["process_cpu_s_per_gib"] for r in ok
+                                                                   if "process_cpu_s_per_gib" in r])}
     c, n = out["fill"].get("nfsplice"), out["fill"].get("nfsplice-nocache")
     if c and n and c["gbps"] and n["gbps"]:
         out["fill_ratio"] = {"gbps": c["gbps"] / n["gbps"],
@@ -488,15 +534,17 @@ def markdown(result: dict) -> str:
             lines.append("")
     if summ["fill"]:
         lines += [f"## Fill: one {size_label(meta['big_bytes'])} cacheable miss (curl, one connection)", "",
-                  "| peer | Gbit/s (min-max) | CPU-s/GiB | stored (hit + sha256 afterwards) | ok runs |",
-                  "|---|---|---|---|---|"]
+                  "| peer | Gbit/s (min-max) | CPU-s/GiB | committed after s | nfsplice process CPU-s/GiB "
+                  "(until committed) | stored (hit + sha256 afterwards) | ok runs |",
+                  "|---|---|---|---|---|---|---|"]
         for name, r in summ["fill"].items():
             if not r["ok_runs"]:
-                lines.append(f"| {name} | failed | - | - | 0/{r['runs']} |")
+                lines.append(f"| {name} | failed | - | - | - | - | 0/{r['runs']} |")
                 continue
             st = "-" if r["stored"] is None else f"{r['stored']}/{r['ok_runs']}"
             lines.append(f"| {name} | {r['gbps']:.2f} ({r['gbps_min']:.2f}-{r['gbps_max']:.2f}) | "
-                         f"{_fmt(r['cpu_s_per_gib'], 2)} | {st} | {r['ok_runs']}/{r['runs']} |")
+                         f"{_fmt(r['cpu_s_per_gib'], 2)} | {_fmt(r.get('committed_after_s'), 2)} | "
+                         f"{_fmt(r.get('process_cpu_s_per_gib'), 2)} | {st} | {r['ok_runs']}/{r['runs']} |")
         fr = summ.get("fill_ratio")
         if fr:
             lines += ["", f"Cached / uncached: throughput {fr['gbps']:.2f}x, CPU per GiB {_fmt(fr['cpu'], 2)}x; "

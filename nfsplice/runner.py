@@ -221,14 +221,22 @@ class Runner:
                 pair.fast_sig = None
 
     # -- the fast path's tap ---------------------------------------------------------------
+    TAP_GATHER_S = 0.001     # between drains while records keep coming (see _tap_loop)
+
     def _tap_loop(self) -> None:
-        """Payload the program copied for tapped pairs, to their sinks."""
+        """Payload the program copied for tapped pairs, to their sinks.  While records
+        keep coming, the thread drains the ring every TAP_GATHER_S instead of waiting
+        on it: the ring wakes its consumer whenever it has caught up, at 25 Gbit/s for
+        nearly every 64 KiB record, and those wakeups and GIL hand-overs were half of
+        this thread's CPU (bench_cache, fill: 0.28 -> 0.14 CPU-s per GiB tapped).  The
+        ring holds about 20 ms of such a flow; records wait at most TAP_GATHER_S."""
         ring = self.fastpath.tap
         while not self.stop.is_set():
             ring.wait(0.2)
-            self._drain_tap()
+            while self._drain_tap() and not self.stop.is_set():
+                time.sleep(self.TAP_GATHER_S)
 
-    def _drain_tap(self) -> None:
+    def _drain_tap(self) -> int:
         """Every record committed so far.  The tap thread calls it, and the timers do
         (with the engine lock held) before the engine may close a pair's tap, so a tap
         sees all of its payload; tap_lock keeps the two consumers apart."""
@@ -242,7 +250,7 @@ class Runner:
                 return
             tap_payload(ent[0], ent[1], first_seq, payload)
         with self.tap_lock:
-            self.fastpath.tap.consume(handle)
+            return self.fastpath.tap.consume(handle)
 
     def _handoff_tsvals(self, pair: Pair) -> None:
         """Each side's latest TSval as the program saw it during the hand-off (the

@@ -44,7 +44,8 @@ def _synthetic() -> tuple[list[dict], dict]:
         runs.append({"part": "hits", "peer": "nginx", "round": rnd, "kind": "wrk", "label": "1KiB", "ok": True,
                      "wrk": w(b), "origin_requests": 0})
         runs.append({"part": "fill", "peer": "nfsplice", "round": rnd, "ok": True, "stored": True,
-                     "curl": {"gbps": 9.0 + rnd, "cpu_s_per_gib": 1.0}})
+                     "curl": {"gbps": 9.0 + rnd, "cpu_s_per_gib": 1.0}, "committed_after_s": 0.1 * rnd,
+                     "process_cpu_s_per_gib": 2.0 + rnd})
         runs.append({"part": "fill", "peer": "nfsplice-nocache", "round": rnd, "ok": True,
                      "curl": {"gbps": 10.0 + rnd, "cpu_s_per_gib": 0.8}})
         for peer, copies in (("nfsplice", 1.0), ("varnish", 1.0)):
@@ -60,6 +61,9 @@ def test_summary_medians_and_targets():
     s = C.summarize(runs, meta)
     assert s["hits"]["1KiB"]["nfsplice"]["req_s"] == 200 and s["hits"]["1KiB"]["nginx"]["req_s"] == 1000
     assert s["fill"]["nfsplice"]["gbps"] == 11.0 and s["fill"]["nfsplice"]["stored"] == 3
+    assert s["fill"]["nfsplice"]["committed_after_s"] == pytest.approx(0.2)
+    assert s["fill"]["nfsplice"]["process_cpu_s_per_gib"] == 4.0
+    assert s["fill"]["nfsplice-nocache"]["committed_after_s"] is None
     assert s["fill_ratio"]["gbps"] == pytest.approx(11 / 12) and s["fill_ratio"]["target_met"]
     c = s["collapse"]["nfsplice"]
     assert c["last_done_s"] == 1.0 and c["verified"] == 9 and c["clients"] == 9 and c["one_copy"]
@@ -98,6 +102,7 @@ def test_smoke_run_all_parts(tmp_path):
         f = s["fill"][peer]
         assert f["ok_runs"] == 1 and f["gbps"] > 0 and f["cpu_s_per_gib"] > 0, f"{peer}: {f}\n{log}"
     assert s["fill"]["nfsplice"]["stored"] == 1, f"the fill was not stored: {s['fill']}\n{log}"
+    assert s["fill"]["nfsplice"]["committed_after_s"] is not None
     assert s["fill_ratio"]["gbps"] > 0
     assert (out / "bench.png").stat().st_size > 10_000
     md = (out / "results.md").read_text()

@@ -121,6 +121,27 @@ def test_a_slow_writer_never_blocks_the_engine(tmp_path, monkeypatch):
         c.close()
 
 
+def test_two_tap_fills_interleaved(cache):
+    """Two fills fed at once, as the ring consumer feeds pairs whose records interleave:
+    each out of order, repeated and overlapping; both stored byte-exact, one with its
+    Content-Length, one ended by close()."""
+    a, b = os.urandom(600_000), os.urandom(400_000)
+    fa, fb = cache.begin("http://x/a", stored(), len(a)), cache.begin("http://x/b", stored(), None)
+    rnd = random.Random(3)
+    pieces = [(fa, o, a[o:o + 57920]) for o in range(0, len(a), 57920)]
+    pieces += [(fb, o, b[o:o + 1448]) for o in range(0, len(b), 1448)]
+    pieces += [(fb, o, b[o:o + 3000]) for o in rnd.sample(range(0, len(b) - 3000), 30)]
+    pieces += [(fa, o, a[o:o + 100_000]) for o in rnd.sample(range(0, len(a) - 100_000), 5)]
+    rnd.shuffle(pieces)
+    for f, o, p in pieces:
+        f.write(o, memoryview(bytearray(p)))                          # (the ring's record is reused)
+    fb.close(len(b))
+    assert fa.settle(10) and fb.settle(10)
+    assert fa.state == COMMITTED and fb.state == COMMITTED
+    assert body_of(cache, "http://x/a") == a and body_of(cache, "http://x/b") == b
+    assert cache._pending == 0
+
+
 def test_too_large_is_not_begun(tmp_path):
     c = layer.Cache(str(tmp_path / "tiny"), 1000, fsync=False)
     try:
@@ -330,3 +351,36 @@ def test_a_busy_cache_dir_is_a_usage_error(tmp_path, capsys):
         assert f"--cache-dir {d}: cache store {d} is in use by another process" in err, err
     finally:
         c.close()
+
+
+# -- the fast path's ring consumer (Runner's tap thread), which feeds tapped fills ---------------
+
+def test_tap_thread_gathers_records_between_drains(monkeypatch):
+    """While records keep coming the tap thread drains every TAP_GATHER_S (one wakeup
+    per batch, not one per 64 KiB record); once a drain finds nothing it waits on the
+    ring again."""
+    from nfsplice import runner as runner_mod
+    events = []
+
+    class Ring:
+        def wait(self, timeout):
+            events.append("wait")
+
+    class FP:
+        tap = Ring()
+    r = runner_mod.Runner([object()], engine=None)
+    r.fastpath = FP()
+    counts = iter([2, 64, 1, 0, 0, 5, 0])
+
+    def drain():
+        n = next(counts, None)
+        if n is None:
+            r.stop.set()
+            return 0
+        events.append(n)
+        return n
+    monkeypatch.setattr(r, "_drain_tap", drain)
+    monkeypatch.setattr(runner_mod.time, "sleep", lambda s: events.append(f"sleep {s}"))
+    r._tap_loop()
+    g = f"sleep {runner_mod.Runner.TAP_GATHER_S}"
+    assert events[:12] == ["wait", 2, g, 64, g, 1, g, 0, "wait", 0, "wait", 5]
