@@ -438,10 +438,20 @@ def test_stale_while_revalidate_and_stale_if_error(env):
 
 # -- PURGE, the cache command, counters --------------------------------------------------------
 
+def wait_stored(lab, cache_dir: str, key: str, timeout: float = 10.0) -> None:
+    """Until the store has committed KEY (the writer thread commits after the response
+    went out, so a request right behind it may not find it yet)."""
+    deadline = time.monotonic() + timeout
+    while cache_cli(lab, "stat", key, "--cache-dir", cache_dir).returncode != 0:
+        assert time.monotonic() < deadline, f"{key} never stored"
+        time.sleep(0.1)
+
+
 def test_purge(env):
     lab, so, procs = env
     url = q("/len/500", "purge", cc="max-age=300")
     fetch(lab, MAIN, url)
+    wait_stored(lab, procs[MAIN].cache_dir, f"http://{TAGGED}{url}")
     r = fetch(lab, MAIN, url, method="PURGE")
     assert r.status == 200 and b"1 stored response" in r.body, r.body
     assert fetch(lab, MAIN, url, method="PURGE").status == 404

