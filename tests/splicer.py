@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +48,10 @@ class Splicer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+        if self.tap_dir:
+            # The tap's copies are as large as the transfers (512 MiB for a 256 MiB run
+            # both ways): gone with the run; the log and pairs log stay.
+            shutil.rmtree(self.tap_dir, ignore_errors=True)
 
     def stop(self) -> int | None:
         if self.proc is not None and self.proc.poll() is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 import time
 
@@ -42,12 +43,19 @@ def env():
             yield lab, so, ngx, procs
         finally:
             stop_all(lab, procs.values())
+            shutil.rmtree(_FILES.pop("dir", ""), ignore_errors=True)
+
+
+_FILES: dict[str, str] = {}     # the module's temporary directory (removed by env)
 
 
 def body_file(n: int, seed: int) -> tuple[str, str]:
     """A file of N pseudo-random bytes and its sha256."""
     data = hashlib.shake_256(seed.to_bytes(4, "big")).digest(n) if n else b""
-    path = os.path.join(tempfile.mkdtemp(prefix="hup-"), f"up-{n}.bin")
+    if "dir" not in _FILES:
+        _FILES["dir"] = tempfile.mkdtemp(prefix="hup-")
+    d = _FILES["dir"]
+    path = os.path.join(d, f"up-{n}-{seed}.bin")
     with open(path, "wb") as f:
         f.write(data)
     return path, sha(data)
