@@ -264,10 +264,10 @@ class FastPath:
                 mp.fd = None
 
     # -- flows ---------------------------------------------------------------------------
-    def egress(self, dst: bytes, now: float | None = None) -> int:
+    def egress(self, dst: bytes) -> int:
         """The ifindex packets to DST leave by, if the program is attached there; else 0.
         Looked up again after ROUTE_TTL seconds (routes change)."""
-        now = time.monotonic() if now is None else now
+        now = time.monotonic()
         got = self._routes.get(dst)
         if got is not None and now < got[1]:
             return got[0]

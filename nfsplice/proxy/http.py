@@ -1173,6 +1173,7 @@ class HTTPProxy:
         if handed == "resumed":
             return keep, False, reusable
         if handed == "copied":      # the rest had reached the sockets: the proxy sent it
+            ex.mode = "copied"
             return keep, False, reusable and self._clean(up)
         return False, handed, False
 
