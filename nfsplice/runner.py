@@ -181,35 +181,39 @@ class Runner:
         for pair in {id(p): p for p in ops}.values():
             keys = pair.in_keys()
             try:
+                sig = pair.fast_sig
+                values = [None, None]       # None: the flow is removed
+                if sig is not None:
+                    egress = [fp.egress(pair.tr[d].dst) for d in (C2S, S2C)] if isinstance(sig, tuple) else []
+                    if isinstance(sig, tuple) and not all(egress):
+                        # One side is reached by a device the program is not attached
+                        # to (or by no route): the queue carries this pair.
+                        eng.counters["fastpath.no_device"] += 1
+                        sig = pair.fast_sig = "queue"
+                    if sig in ("queue", "handoff"):
+                        values = [flow_value(_NO_TRANSLATION, end_seq=None, ack_watch=None, ifindex=0,
+                                             mark=QUEUE_MARK, fast=False, pass_acks=sig == "handoff")] * 2
+                    else:
+                        values = [flow_value(pair.tr[d], end_seq=sig[d][0], ack_watch=sig[d][1],
+                                             ifindex=egress[d], mark=QUEUE_MARK, tap=sig[d][2])
+                                  for d in (C2S, S2C)]
+                        eng.counters["fastpath.flows_written"] += 2
                 for d, key in enumerate(keys):
-                    # A flow being replaced is overwritten in place, never deleted first:
-                    # in between, the pair's packets would go unmarked past the queue to
-                    # the frozen sockets (a resumed pair's next request was lost so, until
-                    # the client's RTO).  What the program counts between this read and
-                    # the overwrite is not carried over.
-                    got = fp.take(key) if pair.fast_sig is None else fp.get(key)
+                    # A flow being replaced is read and overwritten in place, back to
+                    # back, never deleted first: in between, the pair's packets would go
+                    # unmarked past the queue to the frozen sockets (a resumed pair's
+                    # next request was lost so, until the client's RTO).  What the
+                    # program counts between the read and the overwrite (microseconds)
+                    # is not carried over: exact counts would need the counters in a
+                    # map of their own.
+                    if values[d] is None:
+                        got = fp.take(key)
+                    else:
+                        got = fp.get(key)
+                        fp.put(key, values[d])
                     if got is not None:
                         eng.fast_progress(pair, d, got.packets, got.bytes, got.last_ns / 1e9,
                                           got.next_seq, final=True)
-                sig = pair.fast_sig
-                if sig is None:
-                    continue
-                egress = [fp.egress(pair.tr[d].dst) for d in (C2S, S2C)] if isinstance(sig, tuple) else []
-                if isinstance(sig, tuple) and not all(egress):
-                    # One side is reached by a device the program is not attached to
-                    # (or by no route): the queue carries this pair.
-                    eng.counters["fastpath.no_device"] += 1
-                    sig = pair.fast_sig = "queue"
-                if sig in ("queue", "handoff"):
-                    for key in keys:
-                        fp.put(key, flow_value(_NO_TRANSLATION, end_seq=None, ack_watch=None, ifindex=0,
-                                               mark=QUEUE_MARK, fast=False, pass_acks=sig == "handoff"))
-                    continue
-                for d in (C2S, S2C):
-                    end, watch, tap = sig[d]
-                    fp.put(keys[d], flow_value(pair.tr[d], end_seq=end, ack_watch=watch, ifindex=egress[d],
-                                               mark=QUEUE_MARK, tap=tap))
-                eng.counters["fastpath.flows_written"] += 2
             except OSError as e:
                 # A full map or a failing bpf(2): the queue carries the pair.
                 eng.counters[f"fastpath.map_error.{errno.errorcode.get(e.errno, e.errno)}"] += 1
