@@ -270,6 +270,8 @@ class Engine:
                 c["dropped.proxy_socket"] += 1
                 c[f"dropped.proxy_socket.flags_{v.flags:#04x}.len_{min(v.payload_len, 1)}"] += 1
                 return Decision.DROP
+            if pair is not None and pair.state == State.HANDOFF:
+                c["proxy_socket.handoff_out"] += 1    # (the drain's; with the fast path unmarked)
             return Decision.ACCEPT
         ent = self.flows.get(key)
         if ent is None:

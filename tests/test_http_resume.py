@@ -14,11 +14,13 @@ makes the origin resend segments the client had; DSACKs show they were spurious.
 from __future__ import annotations
 
 import hashlib
+import time
 
 import pytest
 
 from netns_lab.origins import NginxOrigin
 from netns_lab.topology import Lab
+from tests.splicer import instance_stats
 from tests.test_http_proxy import PROXY, HTTPProxyProc, curl, stop_all
 
 pytestmark = pytest.mark.root
@@ -68,3 +70,10 @@ def test_spliced_responses_in_a_row_wait_for_no_timeout(env, port):
     assert sum(" spliced " in l for l in lines) >= n - 1, lines      # (the first may be delivered whole)
     after = {ns: timeouts(lab, ns) for ns in (lab.origin, lab.client)}
     assert after == before, f"retransmission timeouts without loss: {before} -> {after}"
+    if port == FAST:
+        # With the fast path the rules queue only marked packets, and the proxy marks
+        # its sockets at the freeze: what the drain sends (and the sockets' ACKs) goes
+        # straight out, never waiting in the queue behind other pairs' packets.
+        st = instance_stats("hrs-fast", time.time())
+        assert st.get("pairs.spliced", 0) >= n - 1, st
+        assert st.get("proxy_socket.handoff_out", 0) == 0, st

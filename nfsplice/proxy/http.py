@@ -1268,11 +1268,6 @@ class HTTPProxy:
         self.runner.register(pair)
         if tap is not None:
             pair.tap[S2C] = tap if pair.tap[S2C] is None else layer.Tee(pair.tap[S2C], tap)
-        if self.runner.fastpath is not None:
-            # The rules queue only marked packets: what the fast path marks coming in,
-            # and from now on what these two sockets send (the frozen sockets' safety net).
-            for sock in (csock, usock):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, QUEUE_MARK)
         try:
             copied, finished, limits = self._drain(client, up, limits, tap, keep_upstream=upload)
             if resume and tuple(limits) == (0, 0) and not any(finished):
@@ -1285,6 +1280,15 @@ class HTTPProxy:
                 if ex is not None:
                     ex.mode = "copied"
                 return "copied"
+            if self.runner.fastpath is not None:
+                # The rules queue only marked packets: what the fast path marks coming
+                # in, and from the freeze on what these two sockets send (the frozen
+                # sockets' safety net).  Not earlier: the drain's bytes and their
+                # retransmissions would wait in the queue behind everything else there,
+                # and under load (a queue some 200 packets behind) the client's
+                # acknowledgements, which the drain waits for, came hundreds of ms late.
+                for sock in (csock, usock):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, QUEUE_MARK)
             a = handoff.freeze(csock)
             b = handoff.freeze(usock)
             self.runner.splice(pair, a, b, copied=copied, finished=finished, limits=limits, resume=resume,
