@@ -592,8 +592,9 @@ class Engine:
 
     def fast_progress(self, pair: Pair, d: int, packets: int, nbytes: int, last_seen: float,
                       next_seq: int, final: bool) -> None:
-        """Count what the fast path forwarded for direction D (totals since its flow was
-        written); FINAL: the flow is gone, the next one counts from zero."""
+        """Count what the fast path forwarded for direction D (totals since its counters
+        were created: they outlive rewrites of the flow); FINAL: the counters are gone,
+        the next ones count from zero."""
         seen_p, seen_b = pair.fast_seen[d]
         dp, db = packets - seen_p, nbytes - seen_b
         pair.fast_seen[d] = (0, 0) if final else (packets, nbytes)

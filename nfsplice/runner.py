@@ -171,7 +171,7 @@ class Runner:
     def _apply_fast(self) -> None:
         """Write or remove the fast flows of the pairs the engine listed, before the
         verdicts of the packets that changed them go out.  What the program did for a
-        flow being replaced or removed is counted into the pair first."""
+        flow is counted into the pair after it is written, and finally as it is removed."""
         eng = self.engine
         ops, eng.fast_ops = eng.fast_ops, []
         fp = self.fastpath
@@ -199,21 +199,21 @@ class Runner:
                                   for d in (C2S, S2C)]
                         eng.counters["fastpath.flows_written"] += 2
                 for d, key in enumerate(keys):
-                    # A flow being replaced is read and overwritten in place, back to
-                    # back, never deleted first: in between, the pair's packets would go
-                    # unmarked past the queue to the frozen sockets (a resumed pair's
-                    # next request was lost so, until the client's RTO).  What the
-                    # program counts between the read and the overwrite (microseconds)
-                    # is not carried over: exact counts would need the counters in a
-                    # map of their own.
-                    if values[d] is None:
+                    # A flow being replaced is overwritten in place, never deleted
+                    # first: in between, the pair's packets would go unmarked past the
+                    # queue to the frozen sockets (a resumed pair's next request was lost
+                    # so, until the client's RTO).  The program's counters are in a map
+                    # of their own that the overwrite leaves alone, so what it counts
+                    # meanwhile is read now or later, never lost.
+                    final = values[d] is None
+                    if final:
                         got = fp.take(key)
                     else:
-                        got = fp.get(key)
                         fp.put(key, values[d])
+                        got = fp.get(key)
                     if got is not None:
                         eng.fast_progress(pair, d, got.packets, got.bytes, got.last_ns / 1e9,
-                                          got.next_seq, final=True)
+                                          got.next_seq, final=final)
             except OSError as e:
                 # A full map or a failing bpf(2): the queue carries the pair.
                 eng.counters[f"fastpath.map_error.{errno.errorcode.get(e.errno, e.errno)}"] += 1
@@ -261,11 +261,11 @@ class Runner:
         pure ACKs it let pass never reached the engine), for the splice's offsets."""
         for d, key in enumerate(pair.in_keys()):
             try:
-                got = self.fastpath.get(key)
+                tsval = self.fastpath.handoff_tsval(key)
             except OSError:
                 continue
-            if got is not None and got.last_tsval is not None:
-                pair.tsval[d] = got.last_tsval
+            if tsval is not None:
+                pair.tsval[d] = tsval
 
     def _refresh_fast(self, now: float) -> None:
         """Idle and inactivity timers: a fast pair's packets never reach the engine, so

@@ -239,11 +239,11 @@ def test_fast_progress_counts_what_the_program_forwarded():
     eng.fast = True
     pair = new_pair(eng)
     eng.fast_progress(pair, S2C, 10, 15000, 42.0, 85000, final=False)
-    eng.fast_progress(pair, S2C, 12, 18000, 43.0, 88000, final=True)   # the same flow, later
+    eng.fast_progress(pair, S2C, 12, 18000, 43.0, 88000, final=True)   # the same counters, later
     assert pair.packets[S2C] == 12 and pair.bytes[S2C] == 18000
     assert eng.counters["bytes.s2c"] == 18000 and pair.next_seq[S2C] == 88000
     assert pair.last_seen == 43.0
-    eng.fast_progress(pair, S2C, 1, 100, 44.0, 88100, final=True)      # a new flow counts from 0
+    eng.fast_progress(pair, S2C, 1, 100, 44.0, 88100, final=True)      # new counters count from 0
     assert pair.bytes[S2C] == 18100
 
 

@@ -251,5 +251,74 @@ def test_handoff_flows_pass_pure_acks_and_keep_the_latest_tsval(fp):
                         payload=b"x")
     rv, out = fp.test_run(ETH + bytes(data))
     assert rv == fastpath.TC_ACT_OK and out[14:] == bytes(data)
-    assert fp.get(key).last_tsval == 4250
+    assert fp.handoff_tsval(key) == 4250
     fp.take(key)
+
+
+def _data(src, dst, sport, dport, s, payload=b"x" * 100):
+    return ETH + bytes(packet.build(src, dst, sport, dport, s, 2, ACK, payload=payload))
+
+
+def test_rewriting_a_flow_keeps_its_counts(fp):
+    """The engine rewrites a flow in place whenever the pair's state changes (a message
+    end, the tap, back to marking); what the program counted stays, before and after."""
+    tr = Translation(SOURCE, ORIGIN, 61000, 80, seq_delta=1000)
+    key = CLIENT + LISTEN + struct.pack("!HH", 40006, 8080)
+    fp.put(key, fastpath.flow_value(tr, end_seq=None, ack_watch=None, ifindex=0))
+    for s in (100, 200):
+        fp.test_run(_data(CLIENT, LISTEN, 40006, 8080, s))
+    fp.put(key, fastpath.flow_value(tr, end_seq=5000, ack_watch=None, ifindex=0))
+    got = fp.get(key)
+    assert (got.packets, got.bytes, got.next_seq) == (2, 200, 300)
+    fp.test_run(_data(CLIENT, LISTEN, 40006, 8080, 300))
+    fp.put(key, fastpath.flow_value(tr, end_seq=None, ack_watch=None, ifindex=0, fast=False, mark=7))
+    fp.test_run(_data(CLIENT, LISTEN, 40006, 8080, 400))   # marked for the queue: not counted
+    got = fp.take(key)
+    assert (got.packets, got.bytes, got.next_seq) == (3, 300, 400)
+    assert fp.take(key) is None and fp.get(key) is None
+
+
+def test_runner_loses_nothing_the_program_counts_while_it_rewrites(fp, monkeypatch):
+    """A packet the program forwards while the runner rewrites the pair's flows (here:
+    just before each flow update reaches the map) is in the engine's counts in the end,
+    exactly: CI once found a spliced pair's bytes.c2s short by three such packets."""
+    from nfsplice.engine import S2C, Endpoint, Engine, Pair, SocketState
+    from nfsplice.runner import Runner
+    eng = Engine()
+    eng.fast = True
+    runner = Runner([None], eng, instance="test-counts")   # (no queue: never started)
+    runner.fastpath = fp
+    monkeypatch.setattr(fp, "egress", lambda dst: 1)
+    pair = eng.register(Pair(Endpoint(CLIENT, 40010), Endpoint(LISTEN, 8080), Endpoint(SOURCE, 61010),
+                             Endpoint(ORIGIN, 8000)), now=0.0)
+    eng.splice(pair, SocketState(snd_seq=1000, rcv_seq=5000, snd_wscale=7, rcv_wscale=7, timestamps=False),
+               SocketState(snd_seq=90000, rcv_seq=70000, snd_wscale=7, rcv_wscale=7, timestamps=False))
+    eng.injected.clear()
+    runner._apply_fast()
+    assert isinstance(pair.fast_sig, tuple)
+    sent = []
+
+    def from_origin():
+        s = 70000 + 100 * len(sent)
+        fp.test_run(_data(ORIGIN, SOURCE, 8000, 61010, s))
+        sent.append(s)
+    for _ in range(3):
+        from_origin()
+    update = fp.flows.update
+
+    def racing_update(key, value):
+        from_origin()
+        update(key, value)
+    monkeypatch.setattr(fp.flows, "update", racing_update)
+    # The origin's FIN: the engine takes the pair back (flows that only mark) ...
+    fin = packet.build(ORIGIN, SOURCE, 8000, 61010, 70000 + 100 * 5, 1000, ACK | FIN)
+    eng.process(memoryview(bytearray(fin)), now=1.0)
+    assert pair.fast_sig == "queue"
+    runner._apply_fast()
+    monkeypatch.setattr(fp.flows, "update", update)
+    # ... and forgets it: the flows go, with the final counts.
+    eng._forget(pair, "test")
+    runner._apply_fast()
+    assert len(sent) == 5
+    assert pair.bytes[S2C] == 500 and eng.counters["bytes.s2c"] == 500
+    assert fp.get(pair.in_keys()[1]) is None

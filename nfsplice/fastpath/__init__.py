@@ -41,12 +41,16 @@ log = logging.getLogger("nfsplice.fastpath")
 
 SOURCE = os.path.join(os.path.dirname(__file__), "fastpath.bpf.c")
 
-# struct flow in fastpath.bpf.c (88 bytes); addresses and ports in network order.
-FLOW = struct.Struct("=4s4s2s2sIIIIIIIIIBBBB4xQQQII")
+# struct flow in fastpath.bpf.c (56 bytes); addresses and ports in network order.
+FLOW = struct.Struct("=4s4s2s2sIIIIIIIIIBBBBI")
+# struct progress (32 bytes): packets, bytes, last_ns, next_seq.
+PROGRESS = struct.Struct("=QQQI4x")
+_BPF_ANY, _BPF_NOEXIST = 0, 1
 F_FAST, F_END, F_WATCH, F_FLOOR, F_TAP, F_PASS_ACKS = 1, 2, 4, 8, 16, 32
 STAT_NAMES = ("fast_packets", "fast_bytes", "queue_marked", "punt.flags", "punt.options",
               "punt.message_end", "punt.ack_watch", "punt.tsecr_floor", "punt.zero_window",
-              "punt.shape", "redirect_failed", "tap_records", "punt.tap_full", "handoff_acks_passed")
+              "punt.shape", "redirect_failed", "tap_records", "punt.tap_full", "handoff_acks_passed",
+              "punt.no_progress")
 TAP_RING_SIZE = 64 << 20          # nfs_tap's max_entries
 ROUTE_TTL = 10.0                  # seconds a destination's egress device is trusted
 ROUTE_CACHE_MAX = 4096            # destinations remembered (expired ones dropped past it)
@@ -67,12 +71,12 @@ class FastPathError(RuntimeError):
 
 @dataclass
 class Progress:
-    """What the program did for one direction since its flow was written."""
+    """What the program did for one direction since its flow was first written (the
+    counters outlive rewrites of the flow; take() ends them)."""
     packets: int
     bytes: int
     last_ns: int          # CLOCK_MONOTONIC, as time.monotonic() * 1e9
     next_seq: int         # highest seq + len forwarded (meaningful when packets > 0)
-    last_tsval: int | None = None   # a hand-off flow's latest TSval seen (None: none)
 
 
 def _bpf(cmd: int, attr: bytes) -> int:
@@ -93,16 +97,17 @@ class _Map:
     def __init__(self, fd: int, key_size: int, value_size: int):
         self.fd, self.key_size, self.value_size = fd, key_size, value_size
 
-    def _call(self, cmd: int, key: bytes, value=None) -> bool:
-        """bpf(2) on one element; False when the key is not there (ENOENT)."""
+    def _call(self, cmd: int, key: bytes, value=None, flags: int = _BPF_ANY) -> bool:
+        """bpf(2) on one element; False when the key is not there (ENOENT) or, with
+        BPF_NOEXIST, already is (EEXIST)."""
         k = ctypes.create_string_buffer(key, self.key_size)
         # Fields a command does not use must be zero (DELETE has no value).
         attr = struct.pack("=IIQQQ", self.fd, 0, ctypes.addressof(k),
-                           ctypes.addressof(value) if value is not None else 0, 0)
+                           ctypes.addressof(value) if value is not None else 0, flags)
         try:
             _bpf(cmd, attr)
         except OSError as e:
-            if e.errno == errno.ENOENT:
+            if e.errno == errno.ENOENT or (e.errno == errno.EEXIST and flags == _BPF_NOEXIST):
                 return False
             raise
         return True
@@ -113,6 +118,11 @@ class _Map:
 
     def update(self, key: bytes, value: bytes) -> None:
         self._call(_BPF_MAP_UPDATE_ELEM, key, ctypes.create_string_buffer(value, self.value_size))
+
+    def create(self, key: bytes, value: bytes) -> bool:
+        """Add KEY with VALUE unless KEY is there already (then False, nothing changes)."""
+        return self._call(_BPF_MAP_UPDATE_ELEM, key, ctypes.create_string_buffer(value, self.value_size),
+                          _BPF_NOEXIST)
 
     def delete(self, key: bytes) -> bool:
         return self._call(_BPF_MAP_DELETE_ELEM, key)
@@ -209,6 +219,7 @@ class FastPath:
                                     f"tc classifier programs): {r.stderr.strip()[-800:]}")
             self.prog_fd = _obj_get(f"{pin}/prog")
             self.flows = _Map(_obj_get(f"{pin}/maps/nfs_flows"), 12, FLOW.size)
+            self.progress = _Map(_obj_get(f"{pin}/maps/nfs_progress"), 12, PROGRESS.size)
             self.stats_map = _Map(_obj_get(f"{pin}/maps/nfs_stats"), 4, 8 * _ncpus())
             self.tap = TapRing(_obj_get(f"{pin}/maps/nfs_tap"), TAP_RING_SIZE)
             if attach:
@@ -257,7 +268,7 @@ class FastPath:
         if getattr(self, "_ipr", None) is not None:
             self._ipr.close()
             self._ipr = None
-        for m in ("flows", "stats_map"):
+        for m in ("flows", "progress", "stats_map"):
             mp = getattr(self, m, None)
             if mp is not None and mp.fd is not None:
                 os.close(mp.fd)
@@ -280,19 +291,34 @@ class FastPath:
         return idx
 
     def put(self, key: bytes, value: bytes) -> None:
+        """Write KEY's flow, in place if it is there: its counters are created (zero)
+        first if they are not there, and otherwise left as they are."""
+        self.progress.create(key, _NO_PROGRESS)
         self.flows.update(key, value)
 
     def get(self, key: bytes) -> Progress | None:
-        raw = self.flows.lookup(key)
-        return None if raw is None else _progress(raw)
+        """What the program did for KEY's flow so far (None: it has no counters)."""
+        raw = self.progress.lookup(key)
+        return None if raw is None else Progress(*PROGRESS.unpack(raw))
 
-    def take(self, key: bytes) -> Progress | None:
-        """Delete KEY's flow; what the program did for it (None: there was none)."""
+    def handoff_tsval(self, key: bytes) -> int | None:
+        """The sender's latest TSval a hand-off flow (pass_acks) saw since it was
+        written; None: none, or no such flow."""
         raw = self.flows.lookup(key)
         if raw is None:
             return None
+        f = FLOW.unpack(raw)
+        return f[17] if f[16] else None
+
+    def take(self, key: bytes) -> Progress | None:
+        """Delete KEY's flow, then its counters; what the program did for it (None: it
+        had no counters).  The flow goes first: the program stops counting before the read
+        (but for a packet it may hold on another CPU at that moment)."""
         self.flows.delete(key)
-        return _progress(raw)
+        got = self.get(key)
+        if got is not None:
+            self.progress.delete(key)
+        return got
 
     def counters(self) -> dict[str, int]:
         if self.stats_map.fd is None:
@@ -385,13 +411,10 @@ def flow_value(tr, *, end_seq: int | None, ack_watch: int | None, ifindex: int, 
     return FLOW.pack(tr.src, tr.dst, struct.pack("!H", tr.sport), struct.pack("!H", tr.dport),
                      tr.seq_delta & m, tr.ack_delta & m, tr.tsval_delta & m, tr.tsecr_delta & m,
                      (end_seq or 0) & m, (ack_watch or 0) & m, (tr.tsecr_floor or 0) & m,
-                     ifindex, mark, tr.win_shift_in, tr.win_shift_out, flags, 0, 0, 0, 0, 0, 0)
+                     ifindex, mark, tr.win_shift_in, tr.win_shift_out, flags, 0, 0)
 
 
-def _progress(raw: bytes) -> Progress:
-    f = FLOW.unpack(raw)
-    return Progress(packets=f[17], bytes=f[18], last_ns=f[19], next_seq=f[20],
-                    last_tsval=f[21] if f[16] else None)
+_NO_PROGRESS = PROGRESS.pack(0, 0, 0, 0)
 
 
 def _ncpus() -> int:

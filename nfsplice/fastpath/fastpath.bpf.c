@@ -22,6 +22,11 @@
  *
  * The per-flow counters (packets, bytes, last packet time, highest sequence seen) are
  * how the engine learns what the fast path did: idle timers, resume numbers, stats.
+ * They live in `nfs_progress`, apart from the flows: the engine rewrites a flow in place
+ * whenever the pair changes (an update replaces the whole element), and counts kept in
+ * it were lost if a packet came between the engine's read and its write.  The engine
+ * creates a flow's counters before the flow and deletes them after the flow, with the
+ * final read; a fast packet whose counters are missing is punted (the engine counts it).
  * Flows in mode QUEUE are only marked (skb->mark) for the rules and go on; during a
  * hand-off (F_PASS_ACKS) pure ACKs are not even marked: the engine would only pass
  * them on to the proxy's socket, and the proxy's drain waits for them.
@@ -62,17 +67,23 @@ struct flow {
 	__u32 ifindex;          /* egress device; 0: let the stack route it */
 	__u32 mark;             /* skb mark of punted packets and QUEUE flows */
 	__u8 win_in, win_out, flags;
-	/* written by this program */
+	/* written by this program (reset by each write of the flow, as they should be) */
 	__u8 ts_seen;           /* F_PASS_ACKS flows: last_tsval is set */
+	__u32 last_tsval;       /* F_PASS_ACKS flows: the sender's latest TSval */
+};
+
+/* What this program forwarded for one flow key since the engine created the entry:
+ * it outlives the rewrites of the flow, so nothing counted is lost to them. */
+struct progress {
 	__u64 packets, bytes, last_ns;
 	__u32 next_seq;         /* highest seq + len forwarded (valid once packets > 0) */
-	__u32 last_tsval;       /* F_PASS_ACKS flows: the sender's latest TSval */
+	__u32 pad;
 };
 
 enum {
 	S_FAST_PACKETS, S_FAST_BYTES, S_QUEUE_MARKED,
 	P_FLAGS, P_OPTIONS, P_END, P_WATCH, P_FLOOR, P_ZERO_WINDOW, P_SHAPE, P_REDIRECT,
-	S_TAP_RECORDS, P_TAP_FULL, S_PASSED_ACKS,
+	S_TAP_RECORDS, P_TAP_FULL, S_PASSED_ACKS, P_NO_PROGRESS,
 	S_MAX
 };
 
@@ -82,6 +93,13 @@ struct {
 	__type(key, struct flow_key);
 	__type(value, struct flow);
 } nfs_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct flow_key);
+	__type(value, struct progress);
+} nfs_progress SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -280,6 +298,9 @@ int nfsplice_fast(struct __sk_buff *skb)
 	}
 	__u32 old_addr[2] = {ip->saddr, ip->daddr};
 	__u32 new_addr[2] = {f->saddr, f->daddr};
+	struct progress *pg = bpf_map_lookup_elem(&nfs_progress, &key);
+	if (!pg)
+		return punt(skb, f, P_NO_PROGRESS);
 
 	if ((f->flags & F_TAP) && plen) {
 		if (plen > TAP_MAX)
@@ -299,11 +320,11 @@ int nfsplice_fast(struct __sk_buff *skb)
 	}
 
 	/* Progress, before the packet goes: the engine reads it for timers and resumes. */
-	__sync_fetch_and_add(&f->packets, 1);
-	__sync_fetch_and_add(&f->bytes, plen);
-	f->last_ns = bpf_ktime_get_ns();
-	if (f->packets == 1 || (__s32)(nxt - f->next_seq) > 0)
-		f->next_seq = nxt;
+	__sync_fetch_and_add(&pg->packets, 1);
+	__sync_fetch_and_add(&pg->bytes, plen);
+	pg->last_ns = bpf_ktime_get_ns();
+	if (pg->packets == 1 || (__s32)(nxt - pg->next_seq) > 0)
+		pg->next_seq = nxt;
 
 	__s64 d_addr = bpf_csum_diff(old_addr, 8, new_addr, 8, 0);
 	__s64 d_tcp = bpf_csum_diff(old, sizeof(old), new, sizeof(new), 0);
