@@ -217,11 +217,14 @@ class Runner:
             except OSError as e:
                 # A full map or a failing bpf(2): the queue carries the pair.
                 eng.counters[f"fastpath.map_error.{errno.errorcode.get(e.errno, e.errno)}"] += 1
-                for key in keys:
+                for d, key in enumerate(keys):
                     try:
-                        fp.take(key)
+                        got = fp.take(key)
                     except OSError:
-                        pass
+                        continue
+                    if got is not None:
+                        eng.fast_progress(pair, d, got.packets, got.bytes, got.last_ns / 1e9,
+                                          got.next_seq, final=True)
                 pair.fast_sig = None
 
     # -- the fast path's tap ---------------------------------------------------------------
