@@ -67,7 +67,7 @@ struct flow {
 	__u32 ifindex;          /* egress device; 0: let the stack route it */
 	__u32 mark;             /* skb mark of punted packets and QUEUE flows */
 	__u8 win_in, win_out, flags;
-	/* written by this program (reset by each write of the flow, as they should be) */
+	/* written by this program; each write of the flow resets them (a hand-off's own) */
 	__u8 ts_seen;           /* F_PASS_ACKS flows: last_tsval is set */
 	__u32 last_tsval;       /* F_PASS_ACKS flows: the sender's latest TSval */
 };
