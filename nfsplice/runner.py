@@ -195,7 +195,7 @@ class Runner:
                                              mark=QUEUE_MARK, fast=False, pass_acks=sig == "handoff")] * 2
                     else:
                         values = [flow_value(pair.tr[d], end_seq=sig[d][0], ack_watch=sig[d][1],
-                                             ifindex=egress[d], mark=QUEUE_MARK, tap=sig[d][2])
+                                             ifindex=egress[d], mark=QUEUE_MARK, tap=sig[d][2], c2s=d == C2S)
                                   for d in (C2S, S2C)]
                         eng.counters["fastpath.flows_written"] += 2
                 for d, key in enumerate(keys):
@@ -368,6 +368,10 @@ class Runner:
                 out.update(self.fastpath.counters())
             except OSError:
                 out["fastpath.counters_unreadable"] = 1
+            for d in ("c2s", "s2c"):     # zero windows the program forwarded, with the engine's
+                n = out.get(f"window.zero_{d}", 0) + out.get(f"fastpath.zero_window_{d}", 0)
+                if n:
+                    out[f"window.zero_{d}"] = n
         tap = self.engine.tap
         if tap is not None:
             out.update({"tap.bytes": tap.bytes_written, "tap.complete": tap.complete,

@@ -46,11 +46,11 @@ FLOW = struct.Struct("=4s4s2s2sIIIIIIIIIBBBBI")
 # struct progress (32 bytes): packets, bytes, last_ns, next_seq.
 PROGRESS = struct.Struct("=QQQI4x")
 _BPF_ANY, _BPF_NOEXIST = 0, 1
-F_FAST, F_END, F_WATCH, F_FLOOR, F_TAP, F_PASS_ACKS = 1, 2, 4, 8, 16, 32
+F_FAST, F_END, F_WATCH, F_FLOOR, F_TAP, F_PASS_ACKS, F_C2S = 1, 2, 4, 8, 16, 32, 64
 STAT_NAMES = ("fast_packets", "fast_bytes", "queue_marked", "punt.flags", "punt.options",
-              "punt.message_end", "punt.ack_watch", "punt.tsecr_floor", "punt.zero_window",
+              "punt.message_end", "punt.ack_watch", "punt.tsecr_floor", "zero_window_c2s",
               "punt.shape", "redirect_failed", "tap_records", "punt.tap_full", "handoff_acks_passed",
-              "punt.no_progress")
+              "punt.no_progress", "zero_window_s2c")
 TAP_RING_SIZE = 64 << 20          # nfs_tap's max_entries
 ROUTE_TTL = 10.0                  # seconds a destination's egress device is trusted
 ROUTE_CACHE_MAX = 4096            # destinations remembered (expired ones dropped past it)
@@ -402,10 +402,11 @@ class TapRing:
 
 
 def flow_value(tr, *, end_seq: int | None, ack_watch: int | None, ifindex: int, mark: int = 0,
-               fast: bool = True, tap: bool = False, pass_acks: bool = False) -> bytes:
-    """The map value for one direction with Translation TR (packet.Translation)."""
+               fast: bool = True, tap: bool = False, pass_acks: bool = False, c2s: bool = False) -> bytes:
+    """The map value for one direction with Translation TR (packet.Translation); C2S:
+    the client's direction (the program counts zero windows per direction)."""
     flags = (F_FAST if fast else 0) | (F_TAP if tap else 0) | (F_END if end_seq is not None else 0) \
-        | (F_PASS_ACKS if pass_acks else 0) \
+        | (F_PASS_ACKS if pass_acks else 0) | (F_C2S if c2s else 0) \
         | (F_WATCH if ack_watch is not None else 0) | (F_FLOOR if tr.tsecr_floor is not None else 0)
     m = 0xFFFFFFFF
     return FLOW.pack(tr.src, tr.dst, struct.pack("!H", tr.sport), struct.pack("!H", tr.dport),

@@ -17,7 +17,6 @@
  *   an ACK reaching the watched sequence the other direction's message end or FIN is
  *                                        acknowledged: the engine decides what follows
  *   TSecr below the floor                 the engine floors it
- *   a zero window                         counted by the engine
  *   IP options, fragments, BIG TCP       never spliced fast
  *
  * The per-flow counters (packets, bytes, last packet time, highest sequence seen) are
@@ -50,6 +49,7 @@
 #define F_FLOOR  8   /* tsecr_floor is set */
 #define F_TAP   16   /* copy the payload into nfs_tap for the engine's tap sinks */
 #define F_PASS_ACKS 32  /* not fast: pure ACKs pass unmarked (a hand-off) */
+#define F_C2S   64   /* the client's direction (which zero-window counter) */
 #define TAP_MAX 65536
 
 struct flow_key {
@@ -82,8 +82,8 @@ struct progress {
 
 enum {
 	S_FAST_PACKETS, S_FAST_BYTES, S_QUEUE_MARKED,
-	P_FLAGS, P_OPTIONS, P_END, P_WATCH, P_FLOOR, P_ZERO_WINDOW, P_SHAPE, P_REDIRECT,
-	S_TAP_RECORDS, P_TAP_FULL, S_PASSED_ACKS, P_NO_PROGRESS,
+	P_FLAGS, P_OPTIONS, P_END, P_WATCH, P_FLOOR, S_ZERO_WINDOW_C2S, P_SHAPE, P_REDIRECT,
+	S_TAP_RECORDS, P_TAP_FULL, S_PASSED_ACKS, P_NO_PROGRESS, S_ZERO_WINDOW_S2C,
 	S_MAX
 };
 
@@ -247,9 +247,7 @@ int nfsplice_fast(struct __sk_buff *skb)
 	__u32 ack = bpf_ntohl(th->ack_seq) + f->ack_delta;
 	if ((f->flags & F_WATCH) && (__s32)(ack - f->ack_watch) >= 0)
 		return punt(skb, f, P_WATCH);
-	__u16 win = bpf_ntohs(th->window);
-	if (win == 0)
-		return punt(skb, f, P_ZERO_WINDOW);
+	__u16 win = bpf_ntohs(th->window);   /* zero: forwarded zero, and counted below */
 
 	/* The TCP header words that change (ports, seq, ack, doff/flags/window, TSval,
 	 * TSecr), old and new, for one checksum difference. */
@@ -261,7 +259,7 @@ int nfsplice_fast(struct __sk_buff *skb)
 	old[4] = 0;
 	old[5] = 0;
 	__u32 w = win;
-	if (f->win_in != f->win_out) {
+	if (f->win_in != f->win_out && win) {
 		w = (w << (f->win_in & 15)) >> (f->win_out & 15);
 		if (w > 0xffff)
 			w = 0xffff;
@@ -345,6 +343,8 @@ int nfsplice_fast(struct __sk_buff *skb)
 	}
 	count(S_FAST_PACKETS, 1);
 	count(S_FAST_BYTES, plen);
+	if (win == 0)   /* the engine's window.zero_c2s / _s2c */
+		count(f->flags & F_C2S ? S_ZERO_WINDOW_C2S : S_ZERO_WINDOW_S2C, 1);
 	if (f->ifindex) {
 		long r = bpf_redirect_neigh(f->ifindex, NULL, 0, 0);
 		if (r != TC_ACT_REDIRECT)
