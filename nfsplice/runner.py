@@ -49,19 +49,26 @@ class Runner:
         self._fast_refresh = 0.0
 
     # -- verdicts ------------------------------------------------------------------------
-    def _send(self, pkt, decision: Decision, buf=None) -> None:
-        backend = pkt.source
-        try:
+    def _send_many(self, decided) -> None:
+        """Verdicts for (packet, decision, buf or None) items: batched per queue where the
+        backend can (one syscall for many), else one by one."""
+        by_backend: dict = {}
+        for pkt, decision, buf in decided:
             if decision == Decision.MANGLE:
-                backend.verdict(pkt, ACCEPT, buf if buf is not None else pkt.buf)
-            elif decision == Decision.DROP:
-                backend.verdict(pkt, DROP)
+                item = (pkt, ACCEPT, buf if buf is not None else pkt.buf)
             else:
-                backend.verdict(pkt, ACCEPT)
-        except OSError:
-            # The packet is gone from the kernel's queue (e.g. the queue was flushed);
-            # nothing else to do for it, but it is counted.
-            self.verdict_errors += 1
+                item = (pkt, DROP if decision == Decision.DROP else ACCEPT, None)
+            by_backend.setdefault(id(pkt.source), (pkt.source, []))[1].append(item)
+        for backend, items in by_backend.values():
+            many = getattr(backend, "verdicts", None)
+            if many is not None and len(items) > 1:
+                self.verdict_errors += many(items)
+                continue
+            for pkt, verdict, payload in items:
+                try:
+                    backend.verdict(pkt, verdict, payload) if payload is not None else backend.verdict(pkt, verdict)
+                except OSError:
+                    self.verdict_errors += 1
 
     def _inject(self, packets) -> None:
         """Send engine-made packets (pure ACKs for the proxy's own sockets)."""
@@ -77,12 +84,16 @@ class Runner:
     def _send_all(self, items) -> None:
         """Verdicts for queued packets; a copy the engine kept (no queue entry, handle
         None) is sent again when accepted, forgotten when dropped."""
+        queued = []
         for handle, decision, buf in items:
             if handle is None:
                 if decision != Decision.DROP:
+                    self._send_many(queued)      # (in order: the ones before it go first)
+                    queued = []
                     self._inject([buf])
                 continue
-            self._send(handle, decision, buf)
+            queued.append((handle, decision, buf))
+        self._send_many(queued)
 
     # -- the queue thread ----------------------------------------------------------------
     def start(self) -> None:
@@ -114,7 +125,6 @@ class Runner:
     def _loop(self, backend, timers: bool) -> None:
         eng = self.engine
         process = eng.process
-        send = self._send
         decided = []
         next_tick = time.monotonic() + 0.2
         next_stats = time.monotonic()
@@ -152,9 +162,9 @@ class Runner:
                     forgotten, eng.forgotten = eng.forgotten, []
                 if eng.resumable:
                     resumable, eng.resumable = eng.resumable, []
-            for p, d in decided:
-                send(p, d)
-            decided.clear()
+            if decided:
+                self._send_many([(p, d, None) for p, d in decided])
+                decided.clear()
             if injected:
                 self._inject(injected)
             for pair in forgotten:

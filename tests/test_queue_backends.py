@@ -79,6 +79,56 @@ def test_held_packet_verdicted_later(backend):
     assert out["got3"] is None
 
 
+BATCH = r'''
+import json, socket, sys, time
+from nfsplice.queue import ACCEPT, DROP, open_backend
+q = open_backend("netlink", 8)
+rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); rx.bind(("127.0.0.1", 5556)); rx.settimeout(1.0)
+tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+tx.setsockopt(socket.SOL_SOCKET, 32, 8 << 20)   # SO_SNDBUFFORCE: queued datagrams count against it
+rx.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)   # SO_RCVBUFFORCE
+n = 40
+for i in range(n):
+    tx.sendto(b"m%03d-" % i + b"x" * 20000, ("127.0.0.1", 5556))
+pkts, bufs, end = [], [], time.monotonic() + 5
+while len(pkts) < n and time.monotonic() < end:
+    got = q.receive(0.2)
+    pkts += got
+    bufs += [bytearray(p.buf) for p in got]
+items = []
+for i, (p, b) in enumerate(zip(pkts, bufs)):
+    if i % 3 == 0:
+        items.append((p, DROP, None))
+    elif i % 3 == 1:
+        items.append((p, ACCEPT, None))
+    else:
+        b[28:29] = b"M"; b[26:28] = b"\0\0"     # new payload, no UDP checksum
+        items.append((p, ACCEPT, memoryview(b)))
+failed = q.verdicts(items)
+got = []
+try:
+    while True:
+        got.append(rx.recv(30000)[:4].decode())
+except TimeoutError:
+    pass
+print(json.dumps({"n": len(pkts), "failed": failed, "got": got}))
+'''
+
+
+def test_netlink_verdicts_batched_in_order():
+    """Many verdicts in one datagram (several when they exceed VERDICT_BATCH_BYTES): each
+    packet gets its own, in order, with its own payload."""
+    with Lab("qb4") as lab:
+        ns = lab.proxy
+        lab.run(ns, "iptables", "-t", "raw", "-A", "OUTPUT", "-o", "lo", "-p", "udp", "--dport", "5556",
+                "-j", "NFQUEUE", "--queue-num", "8")
+        p = lab.run(ns, sys.executable, "-c", BATCH, cwd=str(REPO), timeout=30)
+        out = json.loads(p.stdout)
+    assert out["n"] == 40 and out["failed"] == 0, out
+    want = [("M" if i % 3 == 2 else "m") + f"{i:03d}" for i in range(40) if i % 3]
+    assert out["got"] == want, out["got"]
+
+
 def test_netfilterqueue_refuses_fail_open():
     from nfsplice.queue import QueueError, open_backend
     with pytest.raises(QueueError, match="FAIL_OPEN"):
