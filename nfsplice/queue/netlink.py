@@ -5,11 +5,14 @@ include/uapi/linux/netlink.h, so they can be checked against the header.  Writte
 hand because neither netfilterqueue nor pyroute2 can set NFQA_CFG_F_GSO (see DESIGN.md:
 without it no queue consumer passes 1 Gbit/s) or NFQA_CFG_F_FAIL_OPEN.
 
-Zero copy: packets are parsed in place in one receive buffer; a verdict with a new
-payload is sent with sendmsg() from a header and a view of that buffer.
+Packets are parsed in place in one receive buffer.  Verdicts decided together leave in
+one datagram (the payloads copied into it), sent, like the non-blocking reads, with the
+GIL held (see _libc_gil).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import os
 import socket
@@ -66,6 +69,18 @@ VERDICT_HDR = struct.Struct("!II")        # struct nfqnl_msg_verdict_hdr
 _U32BE = struct.Struct("!I")
 
 RECV_BUF = 1 << 18
+# recv and send with the GIL held (ctypes.PyDLL).  A netlink send to the kernel never
+# waits (a verdict is processed inside the call: ~100 us for a 64 KiB packet forwarded),
+# nor does a recv with MSG_DONTWAIT; releasing the GIL around them, as the socket module
+# does, meant waiting to get it back behind the proxy's threads (under 50-connection
+# load ~1 ms a time, with the queue hundreds of packets behind).  The queue thread is the
+# one thread every spliced byte waits for: it keeps the GIL while it has work.
+_libc_gil = ctypes.PyDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc_gil.recv.restype = ctypes.c_ssize_t
+_libc_gil.recv.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc_gil.send.restype = ctypes.c_ssize_t
+_libc_gil.send.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int)
+_MSG_DONTWAIT = 0x40
 _VERDICT_TYPE = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT
 _VERDICT_NLA = NLA_HDR.pack(NLA_HDR.size + VERDICT_HDR.size, NFQA_VERDICT_HDR)
 _VERDICT_LEN = NLMSG_HDR.size + NFGEN_HDR.size + len(_VERDICT_NLA) + VERDICT_HDR.size
@@ -117,6 +132,7 @@ class NetlinkQueue:
         self._timeout = None
         self.buf = bytearray(RECV_BUF)
         self.view = memoryview(self.buf)
+        self._buf_addr = ctypes.addressof((ctypes.c_char * RECV_BUF).from_buffer(self.buf))
         try:
             self._config(_attr(NFQA_CFG_CMD, struct.pack("!BxH", NFQNL_CFG_CMD_BIND, socket.AF_INET)))
         except OSError as e:
@@ -170,11 +186,16 @@ class NetlinkQueue:
     # -- packets ------------------------------------------------------------------------
     def receive(self, timeout: float | None = None) -> list[QueuedPacket]:
         """Wait up to TIMEOUT for one datagram; return its packets (views into our buffer)."""
-        if timeout != self._timeout:
-            self.sock.settimeout(timeout)
-            self._timeout = timeout
+        n = _libc_gil.recv(self.sock.fileno(), self._buf_addr, RECV_BUF, _MSG_DONTWAIT)
+        e = ctypes.get_errno() if n < 0 else 0
         try:
-            n = self.sock.recv_into(self.buf)
+            if n < 0 and e == errno.ENOBUFS:
+                raise OSError(e, os.strerror(e))
+            if n < 0:       # nothing waiting (EAGAIN): wait for it without the GIL
+                if timeout != self._timeout:
+                    self.sock.settimeout(timeout)
+                    self._timeout = timeout
+                n = self.sock.recv_into(self.buf)
         except TimeoutError:
             return []
         except OSError as e:
@@ -237,20 +258,25 @@ class NetlinkQueue:
         self.seq += 1
         fixed = self._nfgen + _VERDICT_NLA + VERDICT_HDR.pack(verdict, pkt.packet_id)
         if payload is None:
-            self.sock.send(NLMSG_HDR.pack(_VERDICT_LEN, _VERDICT_TYPE, NLM_F_REQUEST, self.seq, 0) + fixed)
+            self._send_gil(NLMSG_HDR.pack(_VERDICT_LEN, _VERDICT_TYPE, NLM_F_REQUEST, self.seq, 0) + fixed)
             return
         plen = len(payload)
         pad = -plen & 3
         head = (NLMSG_HDR.pack(_VERDICT_LEN + NLA_HDR.size + plen + pad, _VERDICT_TYPE, NLM_F_REQUEST,
                                self.seq, 0) + fixed + NLA_HDR.pack(NLA_HDR.size + plen, NFQA_PAYLOAD))
-        # Scatter-gather: the payload is sent from where it lies, not copied into a message.
-        self.sock.sendmsg((head, payload, _PAD[pad]) if pad else (head, payload))
+        self._send_gil(b"".join((head, payload, _PAD[pad])))
+
+    def _send_gil(self, data: bytes) -> None:
+        """One datagram to the kernel, the GIL held (see _libc_gil).  The message is one
+        buffer (a copy of the payloads: microseconds, against a GIL round trip)."""
+        if _libc_gil.send(self.sock.fileno(), data, len(data), 0) < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
 
     def verdicts(self, items) -> int:
         """Send several verdicts, ITEMS of (packet, verdict, payload or None), in as few
-        sendmsg calls as fit (the kernel's netlink_rcv_skb takes every message of one
-        datagram in turn).  Each call releases and re-takes the GIL, and under load a
-        thread waits its turn to get it back: one call for a batch, not one per packet.
+        sends as fit (the kernel's netlink_rcv_skb takes every message of one datagram
+        in turn): one syscall for a batch, not one per packet.
         Returns how many verdicts could not be sent (their packets are gone)."""
         failed = 0
         iov: list = []
@@ -281,7 +307,7 @@ class NetlinkQueue:
 
     def _send_batch(self, iov, batch) -> int:
         try:
-            self.sock.sendmsg(iov)
+            self._send_gil(b"".join(iov))
             return 0
         except OSError:
             pass
