@@ -4,10 +4,10 @@ One thread per queue; the kernel spreads flows over the queues by hash (a flow's
 packets stay in one queue, in order).  The runner owns the lock that serialises the engine between those threads
 and the proxy's hand-off threads; the lock covers the engine's decision only, not the
 verdict: a verdict with a payload makes the kernel forward the packet (and often run the
-receiver's TCP) inside our send(), about 100 us for a 64 KiB packet.  The netlink
-backend sends verdicts (batched) and reads packets with the GIL held (queue/netlink.py:
-under load, getting the GIL back from the proxy's threads after each syscall cost more
-than the syscall), so the queue threads do not run in parallel.
+receiver's TCP) inside our send(), about 100 us for a 64 KiB packet, which two
+threads can do at once on two cores while the GIL is released.  Small verdicts (batched)
+and reads keep the GIL (queue/netlink.py: under load, getting it back from the proxy's
+threads after each syscall cost more than the syscall).
 
 It is the only place verdicts are sent: every queued packet gets exactly one, whatever
 happens (a packet the engine holds gets it on release).  Per queue, verdicts leave in
