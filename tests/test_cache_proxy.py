@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,6 +77,7 @@ def fetch(lab, port: int, path: str, *headers: str, method: str | None = None, d
     if method == "HEAD":           # curl -I writes the head to the output too: what follows it
         with open(hfile, "rb") as f:
             r.body = r.body[len(f.read()):]
+    shutil.rmtree(d, ignore_errors=True)
     return r
 
 
@@ -146,6 +148,8 @@ def env():
             yield lab, so, {MAIN: main, SMALL: small}
         finally:
             codes = {p.instance: p.stop() for p in (main, small)}
+            for p in (main, small):
+                shutil.rmtree(p.cache_dir, ignore_errors=True)
             assert codes == {"chx-main": 0, "chx-small": 0}, (codes, main.text(), small.text())
             assert "NFSPLICE" not in raw_rules(lab)
 
@@ -235,6 +239,7 @@ def _concurrent(lab, port: int, path: str, n: int) -> list[Resp]:
     for p, h, b in procs:
         so_, se = p.communicate(timeout=90)
         out.append(_resp(p.returncode, so_.decode(), h, b, se.decode()))
+    shutil.rmtree(d, ignore_errors=True)
     return out
 
 
@@ -509,9 +514,10 @@ def test_eviction_keeps_the_size_bound(env):
 
 # -- restarts, crashes, a full disk ----------------------------------------------------------------
 
-def test_restart_keeps_the_cache(env):
+def test_restart_keeps_the_cache(env, tmp_path):
     lab, so, _procs = env
-    d = tempfile.mkdtemp(prefix="chx-restart-")
+    d = str(tmp_path / "chx-restart")
+    os.mkdir(d)
     url = q("/len/2097152", "restart", cc="max-age=300")
     p = Proc(lab, so, 8100, d, "--queue", "4", "--ports", "62000-62499", instance="chx-restart")
     try:
@@ -527,12 +533,13 @@ def test_restart_keeps_the_cache(env):
     assert len(origin_hits(so, url)) == 1
 
 
-def test_sigkill_during_fills_leaves_nothing_servable(env):
+def test_sigkill_during_fills_leaves_nothing_servable(env, tmp_path):
     """SIGKILL while five large objects are being filled (the origin pauses halfway):
     afterwards every row of the index names its exact body (re-hashed), none of the
     five is stored, and a new proxy fetches them whole from the origin."""
     lab, so, _procs = env
-    d = tempfile.mkdtemp(prefix="chx-kill-")
+    d = str(tmp_path / "chx-kill")
+    os.mkdir(d)
     paths = [q("/stall/4194304/2097152/4", f"kill-{i}", cc="max-age=300") for i in range(5)]
     done = q("/len/100000", "kill-done", cc="max-age=300")
     args = ("--queue", "6", "--ports", "62500-62999")
@@ -565,12 +572,13 @@ def test_sigkill_during_fills_leaves_nothing_servable(env):
         assert p.stop() == 0, p.text()
 
 
-def test_disk_full_keeps_proxying(env):
+def test_disk_full_keeps_proxying(env, tmp_path):
     """The cache directory is a 2 MiB tmpfs (the cache believes it has 1 GiB): bodies
     that do not fit are not stored, every response is still byte-exact, and the log says
     so once."""
     lab, so, _procs = env
-    d = tempfile.mkdtemp(prefix="chx-full-")
+    d = str(tmp_path / "chx-full")
+    os.mkdir(d)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", d], check=True)
     try:
         p = Proc(lab, so, 8120, d, "--queue", "8", "--ports", "63000-63499", instance="chx-full")

@@ -86,7 +86,7 @@ _VERDICT_TYPE = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT
 _VERDICT_NLA = NLA_HDR.pack(NLA_HDR.size + VERDICT_HDR.size, NFQA_VERDICT_HDR)
 _VERDICT_LEN = NLMSG_HDR.size + NFGEN_HDR.size + len(_VERDICT_NLA) + VERDICT_HDR.size
 _PAD = (b"", b"\0", b"\0\0", b"\0\0\0")
-VERDICT_BATCH_BYTES = 192 << 10   # below the socket's send buffer (wmem_default 208 KiB)     # one datagram: a 64 KiB GSO packet plus attributes fits easily
+VERDICT_BATCH_BYTES = 192 << 10   # below the socket's send buffer (wmem_default 208 KiB)
 
 
 def _has_net_admin() -> bool:
