@@ -282,7 +282,8 @@ class Cache:
     def _put(self, fill: Fill, offset: int, data) -> None:
         """Queue a piece for the writer thread, never waiting: past max_pending bytes
         queued the fill is given up instead.  DATA is copied (the engine's receive
-        buffer is reused once the packet has its verdict)."""
+        buffer is reused once the packet has its verdict) unless nobody can change it:
+        bytes, or a view of bytes (the clone tap's frames, runner.CloneFeeder)."""
         if fill.failed:
             return
         n = len(data)
@@ -294,7 +295,9 @@ class Cache:
             fill.failed = True
             self._q.put((fill, _ABORT, "the cache writer fell behind"))
             return
-        self._q.put((fill, offset, bytes(data)))
+        if not (type(data) is bytes or type(data) is memoryview and type(data.obj) is bytes):
+            data = bytes(data)
+        self._q.put((fill, offset, data))
 
     def _put_end(self, fill: Fill, what, arg) -> None:
         self._q.put((fill, what, arg))
