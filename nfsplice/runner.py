@@ -18,10 +18,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import socket
+import struct
 import threading
 import time
 
+from . import seq
 from .engine import C2S, INJECT_MARK, QUEUE_MARK, S2C, Decision, Engine, Pair, SocketState, tap_payload
 from .packet import Translation
 from .queue.base import ACCEPT, DROP
@@ -48,6 +51,7 @@ class Runner:
         self.raw: socket.socket | None = None
         self.fastpath = None      # a fastpath.FastPath, when the fast path is on
         self.tap_lock = threading.Lock()
+        self.clone_feeder: CloneFeeder | None = None     # the fast path taps by cloning
         self._fast_refresh = 0.0
 
     # -- verdicts ------------------------------------------------------------------------
@@ -101,7 +105,11 @@ class Runner:
     def start(self) -> None:
         self.threads = []
         if self.fastpath is not None and self.engine.fast_tap:
-            t = threading.Thread(target=self._tap_loop, name="nfsplice-tap", daemon=True)
+            loop, args = self._tap_loop, ()
+            if self.fastpath.clones is not None:
+                self.clone_feeder = CloneFeeder(self.fastpath.clones, self.engine)
+                loop, args = self.clone_feeder.run, (self.stop,)
+            t = threading.Thread(target=loop, args=args, name="nfsplice-tap", daemon=True)
             t.start()
             self.threads.append(t)
         for i, backend in enumerate(self.backends):
@@ -150,7 +158,7 @@ class Runner:
                 if timers and now >= next_tick:
                     if self.fastpath is not None:
                         self._refresh_fast(now)
-                        if self.engine.fast_tap:
+                        if self.engine.fast_tap and self.fastpath.tap is not None:
                             self._drain_tap()
                     for handle, d, buf in eng.tick(now):
                         if handle is None:      # a kept copy: no verdict, nothing to send
@@ -317,6 +325,8 @@ class Runner:
 
     def splice(self, pair: Pair, a: SocketState, b: SocketState, **kw) -> None:
         with self.lock:
+            if self.clone_feeder is not None:
+                self.clone_feeder.wrap(pair)
             if isinstance(pair.fast_sig, str):
                 self._handoff_tsvals(pair)
             out = self.engine.splice(pair, a, b, **kw)
@@ -347,7 +357,8 @@ class Runner:
     def _drain_tap_before_forget(self, pair: Pair) -> None:
         """A tapped pair is about to be forgotten (its sinks closed): what the program
         copied for it and still waits in the ring goes to the sinks first."""
-        if self.fastpath is not None and self.engine.fast_tap and (pair.tap[C2S] or pair.tap[S2C]):
+        if (self.fastpath is not None and self.engine.fast_tap and self.fastpath.tap is not None
+                and (pair.tap[C2S] or pair.tap[S2C])):
             self._drain_tap()
 
     def finish_resume(self, pair: Pair) -> None:
@@ -404,3 +415,209 @@ class Runner:
         self.stop.set()
         for t in getattr(self, "threads", []):
             t.join(5)
+
+
+# -- the clone tap ---------------------------------------------------------------------------
+_TCP_SEQ = struct.Struct("!I")
+_ETH_IPV4_TCP = 34 + 20         # Ethernet + IPv4 (no options: the program's) + TCP
+
+
+class _Closing:
+    """A tapped direction whose sink the engine closed while its clones may still wait
+    in the socket: they go to it while their offset is below LENGTH (None: the end was
+    never seen, so everything of the key until the close runs, unless CUT)."""
+    __slots__ = ("pair", "d", "sink", "length", "cut")
+
+    def __init__(self, pair: Pair, d: int, sink, length: int | None):
+        self.pair, self.d, self.sink, self.length, self.cut = pair, d, sink, length, False
+
+
+class _ClonedSink:
+    """A pair's tap sink while the program clones its payload: writes go through, the
+    close waits until the clones queued before it were fed (CloneFeeder.close_later)."""
+    __slots__ = ("sink", "feeder", "pair", "d", "key")
+
+    def __init__(self, sink, feeder: "CloneFeeder", pair: Pair, d: int, key: bytes):
+        self.sink, self.feeder, self.pair, self.d, self.key = sink, feeder, pair, d, key
+
+    def write(self, offset: int, data) -> None:
+        self.sink.write(offset, data)
+
+    def close(self, length: int | None) -> None:
+        self.feeder.close_later(self, length)
+
+
+class CloneFeeder:
+    """The consumer of the clone tap (fastpath.TapClones): each clone's payload to its
+    pair's tap sink at its stream offset, as the ring's records (_drain_tap): the key
+    is the 4-tuple the packet arrived with, the sequence the sender's.
+
+    The engine closes a pair's sinks when it forgets the pair, and its last clones may
+    still be in the socket then (the consumer runs behind the transfer; nobody who
+    forwards waits for it).  So the close is deferred (_ClonedSink): the direction is
+    kept here with its final length, a marker goes into the socket behind its clones,
+    and the sink is closed when the marker comes out, or when the socket was found
+    empty after the marker was sent (a full socket drops markers too).  Clones of a key
+    are told apart by sequence: a closed direction takes what lies below its length, the
+    pair the engine has now for the key the rest (a resumed connection's next message:
+    same key, later bytes).  A lost clone is a hole: the object is not stored.
+
+    `run` is the tap thread.  It leaves the clones in the socket while they keep
+    coming (a transfer runs) and reads them once none came for QUIET_S, or a tapped
+    direction was closed, or they hold HOLD_BYTES: every pass over the payload while the
+    transfer runs takes CPU from it (README, Cache), and the socket keeps the clones for
+    the price of their pages.  The socket read copies a payload into a bytes object
+    that the sinks keep (no copy of their own: cache.layer), with the GIL released."""
+
+    POLL_S = 0.2
+    QUIET_S = 0.005
+    HOLD_BYTES = 256 << 20       # (the socket has room for 2 * fastpath.TAP_RCVBUF)
+    STATS_EVERY = 256            # frames between reads of the socket's drop count
+
+    def __init__(self, clones, engine: Engine):
+        self.clones = clones
+        self.engine = engine
+        self.lock = threading.Lock()
+        self.closing: dict[bytes, list[_Closing]] = {}
+        self.pending: list[tuple[int, bytes, _Closing]] = []    # (marker token, key, entry)
+        self.token = 0
+        self.sent = 0            # the latest token whose marker send returned
+        self.live = True
+
+    # -- the engine's side (its lock held) ------------------------------------------------
+    def wrap(self, pair: Pair) -> None:
+        """Before PAIR is spliced: its sinks close after their clones."""
+        for d, key in enumerate(pair.in_keys()):
+            sink = pair.tap[d]
+            if sink is None or isinstance(sink, _ClonedSink):
+                continue
+            pair.tap[d] = _ClonedSink(sink, self, pair, d, key)
+            with self.lock:
+                for ent in self.closing.get(key, ()):
+                    if ent.length is None:
+                        # An earlier owner of the key whose end was never seen: its
+                        # clones and the new pair's cannot be told apart any more.
+                        ent.cut = True
+
+    def close_later(self, sink: _ClonedSink, length: int | None) -> None:
+        ent = _Closing(sink.pair, sink.d, sink.sink, length)
+        with self.lock:
+            if not self.live:
+                token = None
+            else:
+                self.token += 1
+                token = self.token
+                self.closing.setdefault(sink.key, []).append(ent)
+                self.pending.append((token, sink.key, ent))
+        if token is None:
+            sink.sink.close(length)
+            return
+        self.clones.mark(token)
+        self.sent = token
+
+    # -- the tap thread ----------------------------------------------------------------------
+    def reached(self, token: int) -> None:
+        """Every clone queued before marker TOKEN was fed: close those sinks."""
+        done = []
+        with self.lock:
+            while self.pending and self.pending[0][0] <= token:
+                _, key, ent = self.pending.pop(0)
+                ents = self.closing.get(key)
+                if ents is not None:
+                    ents.remove(ent)
+                    if not ents:
+                        del self.closing[key]
+                done.append(ent)
+        for ent in done:
+            ent.sink.close(ent.length)
+
+    def feed(self, key: bytes, first_seq: int, payload) -> None:
+        counters = self.engine.counters
+        for ent in self.closing.get(key, ()):
+            pair, d = ent.pair, ent.d
+            base_seq, base_off = pair.tap_base[d]
+            if ent.length is not None and base_off + seq.diff(first_seq, base_seq) >= ent.length:
+                continue                         # a later owner's bytes
+            if ent.cut:
+                counters["fastpath.tap_clone_unattributed"] += 1
+            else:
+                tap_payload(pair, d, first_seq, payload)     # (pair.tap[d] is still its sink)
+            return
+        got = self.engine.flows.get(key)
+        if got is None or got[0].tap[got[1]] is None:
+            counters["fastpath.tap_orphan_records"] += 1
+            return
+        tap_payload(got[0], got[1], first_seq, payload)
+
+    def run(self, stop: threading.Event) -> None:
+        clones = self.clones
+        poller = select.poll()
+        poller.register(clones.sock, select.POLLIN)
+        held = 0
+        try:
+            while not stop.is_set():
+                if not self.pending:
+                    try:
+                        queued = clones.queued()
+                    except OSError:
+                        queued = None               # (no SO_MEMINFO: read at once)
+                    if queued == 0:
+                        poller.poll(self.POLL_S * 1000)
+                        continue
+                    if queued is not None and queued < self.HOLD_BYTES and queued != held:
+                        held = queued               # still coming: leave them there
+                        time.sleep(self.QUIET_S)
+                        continue
+                self._drain()
+                held = 0
+        finally:
+            with self.lock:
+                self.live = False
+            self._count_drops()
+            self.reached(self.token)     # what is left is not fed: those objects are not stored
+
+    def _drain(self) -> None:
+        """Feed every clone in the socket, until it is found empty."""
+        clones, counters = self.clones, self.engine.counters
+        recv, unpack_seq, marker = clones.sock.recv, _TCP_SEQ.unpack_from, clones.marker
+        n = 0
+        while True:
+            sent = self.sent
+            try:
+                frame = recv(TAP_FRAME_BUF, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                # Empty: every marker sent before was read or lost.
+                if self.pending:
+                    self.reached(sent)
+                break
+            n += 1
+            if n % self.STATS_EVERY == 0:
+                self._count_drops()
+            if len(frame) < _ETH_IPV4_TCP or frame[12:14] != b"\x08\x00" or frame[14] != 0x45 \
+                    or frame[23] != 6:
+                token = marker(frame)
+                if token is not None:
+                    self.reached(token)
+                else:
+                    counters["fastpath.tap_clone_foreign"] += 1
+                continue
+            tot = (frame[16] << 8) | frame[17]
+            data_at = 34 + (frame[46] >> 4) * 4
+            if 14 + tot > len(frame) or data_at > 14 + tot:
+                # A clone cut short: never fed as if whole (the object keeps a hole).
+                counters["fastpath.tap_clone_truncated"] += 1
+                continue
+            if data_at < 14 + tot:
+                self.feed(frame[26:38], unpack_seq(frame, 38)[0], memoryview(frame)[data_at:14 + tot])
+        self._count_drops()
+
+    def _count_drops(self) -> None:
+        try:
+            lost = self.clones.drops()
+        except OSError:
+            return
+        if lost:
+            self.engine.counters["fastpath.tap_clone_drops"] += lost
+
+
+TAP_FRAME_BUF = 14 + 20 + 60 + 65536 + 64    # fastpath.TAP_FRAME_MAX, and room to tell a longer one

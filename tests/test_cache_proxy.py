@@ -25,6 +25,7 @@ import pytest
 
 from netns_lab.origins import ScriptedOrigin, expected_sha256, raw_exchange, stream_bytes
 from netns_lab.topology import Lab
+from nfsplice import fastpath
 from nfsplice.cache.store import Store
 from tests.splicer import REPO, raw_rules
 from tests.splicer import instance_stats as stats
@@ -540,6 +541,7 @@ def test_sigkill_during_fills_leaves_nothing_servable(env, tmp_path):
     lab, so, _procs = env
     d = str(tmp_path / "chx-kill")
     os.mkdir(d)
+    tapdev = fastpath.tap_device_name(fastpath.tc_priority("chx-kill"))
     paths = [q("/stall/4194304/2097152/4", f"kill-{i}", cc="max-age=300") for i in range(5)]
     done = q("/len/100000", "kill-done", cc="max-age=300")
     args = ("--queue", "6", "--ports", "62500-62999")
@@ -550,12 +552,15 @@ def test_sigkill_during_fills_leaves_nothing_servable(env, tmp_path):
                              f"http://{PROXY}:8110{u}", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                    for u in paths]
         time.sleep(1.5)
+        assert tapdev in tap_devices(lab)
         p.proc.send_signal(signal.SIGKILL)
         p.proc.wait(10)
     finally:
         p.stop()
-        # What the launcher does after a SIGKILL: the rules of the dead instance go.
+        # What the launcher does after a SIGKILL: the rules of the dead instance go,
+        # and its clone tap device.
         lab.run(lab.proxy, sys.executable, "-m", "nfsplice", "cleanup", cwd=REPO, check=False)
+    assert tapdev not in tap_devices(lab)
     for c in clients:
         c.wait(40)
     with Store(d, 1 << 40, verify=True) as store:          # (recovery runs, bodies re-hashed)
@@ -570,6 +575,14 @@ def test_sigkill_during_fills_leaves_nothing_servable(env, tmp_path):
         assert fetch(lab, 8110, done).cache_status.startswith("nfsplice; hit")
     finally:
         assert p.stop() == 0, p.text()
+    assert tapdev not in tap_devices(lab)
+
+
+def tap_devices(lab) -> list[str]:
+    """The clone tap devices (not their peers) in the proxy namespace."""
+    out = lab.run(lab.proxy, "ip", "-o", "link", "show").stdout.decode()
+    return [dev for line in out.splitlines() for dev in [line.split(":")[1].strip().split("@")[0]]
+            if dev.startswith(fastpath.TAP_DEV_PREFIX) and not dev.endswith("p")]
 
 
 def test_disk_full_keeps_proxying(env, tmp_path):

@@ -166,7 +166,8 @@ def test_progress_is_counted_and_taken(fp):
 
 def test_attach_and_cleanup_in_a_namespace():
     """Filters go on every Ethernet device of the namespace and come off on close; the
-    crash cleanup finds filters a dead instance left."""
+    crash cleanup finds filters a dead instance left.  The same for the clone tap's
+    veth pair, which no instance attaches to."""
     ns = f"fpt-{uuid.uuid4().hex[:6]}"
     sh = lambda *a: subprocess.run(a, check=True, capture_output=True, text=True)  # noqa: E731
     sh("ip", "netns", "add", ns)
@@ -175,25 +176,35 @@ def test_attach_and_cleanup_in_a_namespace():
         sh("ip", "-n", ns, "link", "set", "fa", "up")
         sh("ip", "-n", ns, "link", "set", "fb", "up")
         code = (
-            "import json, sys\n"
+            "import json, os, sys\n"
             "from nfsplice import fastpath\n"
             "f = fastpath.FastPath('nscheck')\n"
-            "print(json.dumps(f.attached))\n"
+            "assert f.clones is not None and f.tap is None\n"
+            "g = fastpath.FastPath('nscheck2')\n"         # sees nscheck's tap device, leaves it
+            "print(json.dumps([f.attached, g.attached, sorted(os.listdir('/sys/class/net'))]))\n"
+            "g.close()\n"
             "if sys.argv[1] == 'close': f.close()\n")
+        tapdev = fastpath.tap_device_name(fastpath.tc_priority("nscheck"))
         r = subprocess.run(["ip", "netns", "exec", ns, "python3", "-c", code, "close"],
                            capture_output=True, text=True, cwd=_repo(), env=_env())
         assert r.returncode == 0, r.stderr
-        assert sorted(eval(r.stdout)) == ["fa", "fb"]
+        attached, attached2, devices = eval(r.stdout)
+        assert sorted(attached) == sorted(attached2) == ["fa", "fb"]
+        assert tapdev in devices and tapdev + "p" in devices
         assert "nfsplice_fast" not in sh("ip", "netns", "exec", ns, "tc", "filter", "show", "dev", "fa", "ingress").stdout
+        assert sh("ip", "-n", ns, "-o", "link", "show").stdout.count(fastpath.TAP_DEV_PREFIX) == 0
         # A process that dies without closing leaves its filters; cleanup removes them.
         r = subprocess.run(["ip", "netns", "exec", ns, "python3", "-c", code, "crash"],
                            capture_output=True, text=True, cwd=_repo(), env=_env())
         assert r.returncode == 0, r.stderr
         assert "nfsplice_fast" in sh("ip", "netns", "exec", ns, "tc", "filter", "show", "dev", "fa", "ingress").stdout
+        assert tapdev in sh("ip", "-n", ns, "-o", "link", "show").stdout
         r = subprocess.run(["ip", "netns", "exec", ns, "python3", "-c",
                             "from nfsplice import fastpath; print(fastpath.cleanup())"],
                            capture_output=True, text=True, cwd=_repo(), env=_env())
         assert "fa ingress" in r.stdout and "fb ingress" in r.stdout, r
+        assert f"clone tap device {tapdev}" in r.stdout, r
+        assert sh("ip", "-n", ns, "-o", "link", "show").stdout.count(fastpath.TAP_DEV_PREFIX) == 0
         for dev in ("fa", "fb"):
             assert "nfsplice_fast" not in sh("ip", "netns", "exec", ns, "tc", "filter", "show", "dev", dev, "ingress").stdout
     finally:

@@ -17,6 +17,10 @@ through ctypes.  `available()` names what is missing.
 
 Each instance attaches with its own tc filter priority (from the instance name), so
 `cleanup(instance)` can find and remove its filters after a crash.
+
+The tap (payload of tapped pairs for the cache) is `TapClones` when the instance can
+make its veth pair (named from the same priority, so cleanup finds it too), else the
+program's ring (`TapRing`): see fastpath.bpf.c.
 """
 from __future__ import annotations
 
@@ -51,7 +55,16 @@ STAT_NAMES = ("fast_packets", "fast_bytes", "queue_marked", "punt.flags", "punt.
               "punt.message_end", "punt.ack_watch", "punt.tsecr_floor", "zero_window_c2s",
               "punt.shape", "redirect_failed", "tap_records", "punt.tap_full", "handoff_acks_passed",
               "punt.no_progress", "zero_window_s2c")
-TAP_RING_SIZE = 64 << 20          # nfs_tap's max_entries
+TAP_RING_SIZE = 64 << 20          # nfs_tap's max_entries (without clones)
+TAP_DEV_PREFIX = "nfst"           # the clone tap's veth pair: nfst<pref>, nfst<pref>p
+TAP_RCVBUF = 512 << 20            # SO_RCVBUFFORCE of the clone socket (the kernel doubles it)
+TAP_FRAME_MAX = 14 + 20 + 60 + 65536   # Ethernet + IP + TCP headers + the program's TAP_MAX
+TAP_MARKER_TYPE = 0x88B5          # IEEE 802 local experimental ethertype: our markers
+_TAP_MARKER = struct.Struct("!6s6sH8sQ")   # dst, src, type, magic, token
+_MARKER_MAGIC = b"nfsplice"
+_ETH_P_ALL = 0x0003
+_SOL_PACKET, _PACKET_STATISTICS = 263, 6
+_SO_RCVBUFFORCE, _SO_MEMINFO = 33, 55
 ROUTE_TTL = 10.0                  # seconds a destination's egress device is trusted
 ROUTE_CACHE_MAX = 4096            # destinations remembered (expired ones dropped past it)
 _TAP_HEAD = struct.Struct("=12sII")   # struct tap_rec: key, seq, len (then the payload)
@@ -154,19 +167,24 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True)
 
 
-def compile_program(out_dir: str) -> str:
+def compile_program(out_dir: str, tap_clone_ifindex: int = 0) -> str:
+    """The program in OUT_DIR; with TAP_CLONE_IFINDEX it taps by cloning to that device."""
     obj = os.path.join(out_dir, "fastpath.bpf.o")
     arch_inc = f"/usr/include/{os.uname().machine}-linux-gnu"
-    r = _run(["clang", "-O2", "-g", "-target", "bpf", "-I", arch_inc, "-c", SOURCE, "-o", obj])
+    defines = [f"-DTAP_CLONE_IFINDEX={tap_clone_ifindex}"] if tap_clone_ifindex else []
+    r = _run(["clang", "-O2", "-g", "-target", "bpf", "-I", arch_inc, *defines, "-c", SOURCE, "-o", obj])
     if r.returncode:
         raise FastPathError(f"compiling {SOURCE} failed: {r.stderr.strip()[-800:]}")
     return obj
 
 
 def ether_devices() -> list[tuple[str, int]]:
-    """(name, ifindex) of this namespace's Ethernet devices that are up (not lo)."""
+    """(name, ifindex) of this namespace's Ethernet devices that are up (not lo, not
+    a clone tap's: a program there would forward the clones again)."""
     out = []
     for name in sorted(os.listdir("/sys/class/net")):
+        if name.startswith(TAP_DEV_PREFIX):
+            continue
         base = f"/sys/class/net/{name}"
         try:
             with open(f"{base}/type") as f:
@@ -189,13 +207,16 @@ class FastPath:
     """The loaded program, its maps and its tc filters for one nfsplice instance."""
 
     def __init__(self, instance: str, devices: list[tuple[str, int]] | None = None,
-                 attach: bool = True):
+                 attach: bool = True, clones: bool = True):
+        """CLONES: tap through a clone device (if it can be made; an attached program
+        only), else through the ring."""
         why = available()
         if why:
             raise FastPathError(why)
         self.instance = instance
         self.pref = tc_priority(instance)
         self.devices = ether_devices() if devices is None else devices
+        self.tap = self.clones = None
         self.ifindexes = {idx for _, idx in self.devices}
         self.attached: list[str] = []
         self.added_clsact: list[str] = []
@@ -212,7 +233,12 @@ class FastPath:
         os.mkdir(pin)
         mounted = False
         try:
-            obj = compile_program(tmp)
+            if clones and attach:
+                try:
+                    self.clones = TapClones(tap_device_name(self.pref))
+                except (OSError, FastPathError) as e:
+                    log.warning("fast path tap through the ring (slower): %s", e)
+            obj = compile_program(tmp, self.clones.ifindex if self.clones else 0)
             r = _run(["mount", "-t", "bpf", "bpf", pin])
             if r.returncode:
                 raise FastPathError(f"mounting a bpf filesystem failed: {r.stderr.strip()}")
@@ -226,11 +252,14 @@ class FastPath:
             self.flows = _Map(_obj_get(f"{pin}/maps/nfs_flows"), 12, FLOW.size)
             self.progress = _Map(_obj_get(f"{pin}/maps/nfs_progress"), 12, PROGRESS.size)
             self.stats_map = _Map(_obj_get(f"{pin}/maps/nfs_stats"), 4, 8 * _ncpus())
-            self.tap = TapRing(_obj_get(f"{pin}/maps/nfs_tap"), TAP_RING_SIZE)
+            if self.clones is None:
+                self.tap = TapRing(_obj_get(f"{pin}/maps/nfs_tap"), TAP_RING_SIZE)
             if attach:
                 self._attach(f"{pin}/prog")
         except BaseException:
             self.detach()
+            if self.clones is not None:
+                self.clones.close()
             raise
         finally:
             if mounted:
@@ -265,6 +294,8 @@ class FastPath:
         self.detach()
         if getattr(self, "tap", None) is not None:
             self.tap.close()
+        if getattr(self, "clones", None) is not None:
+            self.clones.close()      # after detach: the program no longer sends to it
         if getattr(self, "stats_map", None) is not None and self.stats_map.fd is not None:
             self._last = self.counters()
         if getattr(self, "prog_fd", None) is not None:
@@ -406,6 +437,94 @@ class TapRing:
         self.fd = None
 
 
+def tap_device_name(pref: int) -> str:
+    """The clone tap's device of the instance with tc priority PREF (its peer: + "p")."""
+    return f"{TAP_DEV_PREFIX}{pref:04x}"
+
+
+class TapClones:
+    """The clone tap's device and socket: a veth pair (NAME, NAME + "p") the program
+    clones tapped packets out of NAME, and an AF_PACKET socket on NAME that keeps them
+    (the kernel hands it each clone as NAME transmits it, in the program's call, before
+    the veth; so what the program cloned before an event is in the socket when the
+    event is seen).  The pair is up, without addresses, IPv6, ARP or forwarding; the
+    peer drops what reaches it (addressed to another host's MAC, or unknown type).
+
+    Markers: `mark(token)` sends a frame of our own type out of NAME; it reaches the
+    socket behind every clone already there, so the consumer knows when it has seen
+    all of them (deferred tap closes, runner.py).  A full socket drops clones and
+    markers alike; `drops()` says how many."""
+
+    def __init__(self, name: str):
+        self.name, self.peer = name, name + "p"
+        self.sock = self.marker_sock = None
+        _run(["ip", "link", "del", name])       # left by a killed instance of this name
+        r = _run(["ip", "link", "add", name, "type", "veth", "peer", "name", self.peer])
+        if r.returncode:
+            raise FastPathError(f"creating the clone tap device {name} (veth) failed: {r.stderr.strip()}")
+        try:
+            for dev in (name, self.peer):
+                # Before the device is up, so no link-local address, DAD or RS is sent.
+                for key, value in (("ipv6/conf/{}/disable_ipv6", "1"), ("ipv4/conf/{}/forwarding", "0"),
+                                   ("ipv4/conf/{}/rp_filter", "1")):
+                    path = "/proc/sys/net/" + key.format(dev)
+                    if os.path.exists(path):
+                        with open(path, "w") as f:
+                            f.write(value)
+                for args in (["addrgenmode", "none"], ["arp", "off"], ["up"]):
+                    r = _run(["ip", "link", "set", dev, *args])
+                    if r.returncode and args == ["up"]:
+                        raise FastPathError(f"setting {dev} up failed: {r.stderr.strip()}")
+            self.ifindex = socket.if_nametoindex(name)
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_ALL))
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, TAP_RCVBUF)
+            except OSError:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, TAP_RCVBUF)
+            self.sock.bind((name, _ETH_P_ALL))
+            self.marker_sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            self.marker_sock.bind((name, 0))
+            self.marker_sock.setblocking(False)
+            self._marker_src = self.marker_sock.getsockname()[4][:6]
+            self.drops()                        # (reading the statistics resets them)
+        except BaseException:
+            self.close()
+            raise
+
+    def mark(self, token: int) -> None:
+        """Send marker TOKEN (a lost one is the caller's to notice: see the class)."""
+        frame = _TAP_MARKER.pack(b"\0" * 6, self._marker_src, TAP_MARKER_TYPE, _MARKER_MAGIC, token)
+        try:
+            self.marker_sock.send(frame.ljust(60, b"\0"))
+        except OSError:
+            pass
+
+    @staticmethod
+    def marker(frame) -> int | None:
+        """The token of FRAME if it is one of our markers."""
+        if len(frame) >= _TAP_MARKER.size and frame[12:14] == b"\x88\xb5" and frame[14:22] == _MARKER_MAGIC:
+            return _TAP_MARKER.unpack_from(frame)[4]
+        return None
+
+    def queued(self) -> int:
+        """Bytes of memory the socket holds (what counts against its buffer)."""
+        return struct.unpack_from("=I", self.sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, 36))[0]
+
+    def drops(self) -> int:
+        """Frames the socket had no room for since the last call."""
+        raw = self.sock.getsockopt(_SOL_PACKET, _PACKET_STATISTICS, 8)
+        return struct.unpack("=II", raw)[1]
+
+    def close(self) -> None:
+        for s in (self.sock, self.marker_sock):
+            if s is not None:
+                s.close()
+        self.sock = self.marker_sock = None
+        if self.name is not None:
+            _run(["ip", "link", "del", self.name])     # the peer goes with it
+            self.name = None
+
+
 def flow_value(tr, *, end_seq: int | None, ack_watch: int | None, ifindex: int, mark: int = 0,
                fast: bool = True, tap: bool = False, pass_acks: bool = False, c2s: bool = False) -> bytes:
     """The map value for one direction with Translation TR (packet.Translation); C2S:
@@ -450,9 +569,15 @@ def _route_oif(ipr, dst: str) -> int:
 
 
 def cleanup(keep_prefs: set[int] = frozenset()) -> list[str]:
-    """Remove the fast path tc filters of this namespace's devices, except those with a
-    priority in KEEP_PREFS (running instances'); returns what was removed."""
+    """Remove the fast path tc filters of this namespace's devices and the clone tap
+    devices, except those of priorities in KEEP_PREFS (running instances'); returns
+    what was removed."""
     removed = []
+    keep = {tap_device_name(p) for p in keep_prefs}
+    for name in sorted(os.listdir("/sys/class/net")):
+        if (name.startswith(TAP_DEV_PREFIX) and len(name) == len(TAP_DEV_PREFIX) + 4 and name not in keep
+                and _run(["ip", "link", "del", name]).returncode == 0):
+            removed.append(f"clone tap device {name}")
     if shutil.which("tc") is None:
         return removed
     for name, _ in ether_devices():

@@ -108,11 +108,22 @@ struct {
 	__type(value, __u64);
 } nfs_stats SEC(".maps");
 
-/* The tap: one record per forwarded payload, with the arrival key and the sender's
- * sequence number, so the engine puts it at its stream offset exactly as it does for
- * the packets it forwards itself.  A record always reserves TAP_MAX bytes (the size
- * must be a constant); when the ring is full the packet goes to the engine instead,
- * which taps it there: nothing is lost to a slow consumer, it only costs speed. */
+/* The tap, two ways (chosen when the program is compiled):
+ *
+ * TAP_CLONE_IFINDEX defined: each tapped packet is cloned, as it arrived (the rewrite
+ * below changes the original only), out of that device: one end of a veth pair the
+ * nfsplice instance owns, where an AF_PACKET socket keeps the clones.  A clone shares
+ * the payload's pages, so nothing is copied on this CPU; the consumer copies it out
+ * later, elsewhere.  A clone the socket has no room for is lost (counted by the
+ * socket, not here): the consumer cannot tell which object has the hole, so the store's
+ * refusal of an incomplete body is what keeps a lossy fill out of the cache.
+ *
+ * Otherwise the ring: one record per forwarded payload, with the arrival key and the
+ * sender's sequence number, so the engine puts it at its stream offset exactly as it
+ * does for the packets it forwards itself.  A record always reserves TAP_MAX bytes (the
+ * size must be a constant); when the ring is full the packet goes to the engine
+ * instead, which taps it there: nothing is lost to a slow consumer, it only costs
+ * speed (the copy into the ring costs it too: README, Cache). */
 struct tap_rec {
 	struct flow_key key;
 	__u32 seq;
@@ -120,9 +131,14 @@ struct tap_rec {
 	__u8 data[TAP_MAX];
 };
 
+#ifdef TAP_CLONE_IFINDEX
+#define TAP_RING_BYTES 4096     /* unused: the smallest ring the kernel makes */
+#else
+#define TAP_RING_BYTES (64 << 20)
+#endif
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 64 << 20);
+	__uint(max_entries, TAP_RING_BYTES);
 } nfs_tap SEC(".maps");
 
 static __always_inline void count(__u32 what, __u64 n)
@@ -303,6 +319,11 @@ int nfsplice_fast(struct __sk_buff *skb)
 	if ((f->flags & F_TAP) && plen) {
 		if (plen > TAP_MAX)
 			return punt(skb, f, P_SHAPE);
+#ifdef TAP_CLONE_IFINDEX
+		/* Fails only when the device is gone or down: the engine taps it then. */
+		if (bpf_clone_redirect(skb, TAP_CLONE_IFINDEX, 0))
+			return punt(skb, f, P_TAP_FULL);
+#else
 		struct tap_rec *rec = bpf_ringbuf_reserve(&nfs_tap, sizeof(*rec), 0);
 		if (!rec)
 			return punt(skb, f, P_TAP_FULL);
@@ -314,6 +335,7 @@ int nfsplice_fast(struct __sk_buff *skb)
 			return punt(skb, f, P_SHAPE);
 		}
 		bpf_ringbuf_submit(rec, 0);
+#endif
 		count(S_TAP_RECORDS, 1);
 	}
 
