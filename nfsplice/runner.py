@@ -464,13 +464,15 @@ class CloneFeeder:
 
     `run` is the tap thread.  It leaves the clones in the socket while they keep
     coming (a transfer runs) and reads them once none came for QUIET_S, or a tapped
-    direction was closed, or they hold HOLD_BYTES: every pass over the payload while the
+    direction was closed, or they hold HOLD_BYTES or wait since HOLD_S (requests
+    collapsed on a fill follow what is stored): every pass over the payload while the
     transfer runs takes CPU from it (README, Cache), and the socket keeps the clones for
     the price of their pages.  The socket read copies a payload into a bytes object
     that the sinks keep (no copy of their own: cache.layer), with the GIL released."""
 
     POLL_S = 0.2
     QUIET_S = 0.005
+    HOLD_S = 0.5
     HOLD_BYTES = 256 << 20       # (the socket has room for 2 * fastpath.TAP_RCVBUF)
     STATS_EVERY = 256            # frames between reads of the socket's drop count
 
@@ -553,7 +555,7 @@ class CloneFeeder:
         clones = self.clones
         poller = select.poll()
         poller.register(clones.sock, select.POLLIN)
-        held = 0
+        held, since = 0, None
         try:
             while not stop.is_set():
                 if not self.pending:
@@ -564,12 +566,15 @@ class CloneFeeder:
                     if queued == 0:
                         poller.poll(self.POLL_S * 1000)
                         continue
-                    if queued is not None and queued < self.HOLD_BYTES and queued != held:
+                    now = time.monotonic()
+                    since = now if since is None else since
+                    if (queued is not None and queued != held and queued < self.HOLD_BYTES
+                            and now - since < self.HOLD_S):
                         held = queued               # still coming: leave them there
                         time.sleep(self.QUIET_S)
                         continue
                 self._drain()
-                held = 0
+                held, since = 0, None
         finally:
             with self.lock:
                 self.live = False
