@@ -473,7 +473,7 @@ class CloneFeeder:
     POLL_S = 0.2
     QUIET_S = 0.005
     HOLD_S = 0.5
-    HOLD_BYTES = 256 << 20       # (the socket has room for 2 * fastpath.TAP_RCVBUF)
+    HOLD_BYTES = 512 << 20       # a 256 MiB fill whole (the socket has room for 1 GiB)
     STATS_EVERY = 256            # frames between reads of the socket's drop count
 
     def __init__(self, clones, engine: Engine):
@@ -583,13 +583,15 @@ class CloneFeeder:
 
     def _drain(self) -> None:
         """Feed every clone in the socket, until it is found empty."""
+        from .fastpath import TAP_FRAME_MAX
         clones, counters = self.clones, self.engine.counters
         recv, unpack_seq, marker = clones.sock.recv, _TCP_SEQ.unpack_from, clones.marker
+        bufsize = TAP_FRAME_MAX + 64           # (room to tell a longer frame)
         n = 0
         while True:
             sent = self.sent
             try:
-                frame = recv(TAP_FRAME_BUF, socket.MSG_DONTWAIT)
+                frame = recv(bufsize, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 # Empty: every marker sent before was read or lost.
                 if self.pending:
@@ -624,5 +626,3 @@ class CloneFeeder:
         if lost:
             self.engine.counters["fastpath.tap_clone_drops"] += lost
 
-
-TAP_FRAME_BUF = 14 + 20 + 60 + 65536 + 64    # fastpath.TAP_FRAME_MAX, and room to tell a longer one

@@ -255,3 +255,71 @@ def test_after_stop_a_close_is_immediate(cache):
     forget(engine, pair, len(body))
     assert fill.settle(5) and body_of(cache, "s") == body
     assert pair.tap[C2S] is None
+
+
+# -- the real device and socket (root, in a namespace of its own) -----------------------------
+KERNEL_CHECK = r"""
+import json, os, socket, sys, tempfile
+from nfsplice import fastpath
+from nfsplice.cache import layer
+from tests.test_clone_tap import begin, body_of, feeder_for, forget, new_pair, segments, splice
+
+small = sys.argv[1] == "small"
+tc = fastpath.TapClones("nfstffff")
+if small:   # (the kernel's least: a few frames)
+    tc.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+out = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+out.bind((tc.name, 0))
+cache = layer.Cache(tempfile.mkdtemp(prefix="clone-tap-"), 1 << 26, fsync=False)
+feeder, engine = feeder_for(tc)
+body = os.urandom(300 * 1400)
+pair = new_pair(77)
+fill = begin(cache, "k", len(body))
+splice(feeder, engine, pair, fill)
+for frame in segments(77, body, 1400):      # what the program's clones look like
+    out.send(frame)
+queued = tc.queued()
+forget(engine, pair, len(body))
+assert not fill.settle(0.2)                 # its close waits for the marker
+feeder._drain()
+fill.settle(5)
+devices = sorted(os.listdir("/sys/class/net"))
+tc.close()
+print(json.dumps({"stored": body_of(cache, "k") == body, "state": fill.state, "queued": queued,
+                  "counters": dict(engine.counters), "devices": devices,
+                  "after": sorted(os.listdir("/sys/class/net"))}))
+"""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("rcvbuf", ["default", "small"])
+def test_kernel_socket_keeps_clones_and_counts_what_it_dropped(rcvbuf):
+    """Frames sent out of a real clone device reach its socket behind each other and
+    before the close's marker; with a socket too small for them the drops are counted
+    and the object is not stored.  The device pair is gone after close()."""
+    import json
+    import subprocess
+    import sys
+    import uuid
+    ns = f"ctap-{uuid.uuid4().hex[:6]}"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo)
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", KERNEL_CHECK, rcvbuf],
+                           capture_output=True, text=True, cwd=repo, env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    assert {"nfstffff", "nfstffffp"} <= set(got["devices"])
+    assert not any(d.startswith(fastpath.TAP_DEV_PREFIX) for d in got["after"])
+    counters = got["counters"]
+    for what in ("tap_orphan_records", "tap_clone_truncated", "tap_clone_foreign"):   # (no IPv6, no ARP)
+        assert not counters.get(f"fastpath.{what}"), got
+    if rcvbuf == "default":
+        assert got["stored"] and got["state"] == COMMITTED, got
+        assert got["queued"] > 300 * 1400 and not counters.get("fastpath.tap_clone_drops"), got
+    else:
+        assert not got["stored"] and got["state"] != COMMITTED, got
+        assert counters.get("fastpath.tap_clone_drops", 0) > 200, got
