@@ -259,7 +259,7 @@ def test_after_stop_a_close_is_immediate(cache):
 
 # -- the real device and socket (root, in a namespace of its own) -----------------------------
 KERNEL_CHECK = r"""
-import json, os, socket, sys, tempfile
+import json, os, shutil, socket, sys, tempfile
 from nfsplice import fastpath
 from nfsplice.cache import layer
 from tests.test_clone_tap import begin, body_of, feeder_for, forget, new_pair, segments, splice
@@ -270,7 +270,8 @@ if small:   # (the kernel's least: a few frames)
     tc.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
 out = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
 out.bind((tc.name, 0))
-cache = layer.Cache(tempfile.mkdtemp(prefix="clone-tap-"), 1 << 26, fsync=False)
+cache_dir = tempfile.mkdtemp(prefix="clone-tap-")
+cache = layer.Cache(cache_dir, 1 << 26, fsync=False)
 feeder, engine = feeder_for(tc)
 body = os.urandom(300 * 1400)
 pair = new_pair(77)
@@ -288,6 +289,7 @@ tc.close()
 print(json.dumps({"stored": body_of(cache, "k") == body, "state": fill.state, "queued": queued,
                   "counters": dict(engine.counters), "devices": devices,
                   "after": sorted(os.listdir("/sys/class/net"))}))
+shutil.rmtree(cache_dir, ignore_errors=True)
 """
 
 
