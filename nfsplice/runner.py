@@ -72,7 +72,7 @@ class Runner:
                 continue
             for pkt, verdict, payload in items:
                 try:
-                    backend.verdict(pkt, verdict, payload) if payload is not None else backend.verdict(pkt, verdict)
+                    backend.verdict(pkt, verdict, payload)
                 except OSError:
                     self.verdict_errors += 1
 

@@ -256,16 +256,20 @@ class NetlinkQueue:
 
     def verdict(self, pkt: QueuedPacket, verdict: int, payload=None) -> None:
         """Send the one verdict PKT gets; PAYLOAD (bytes-like) replaces the packet."""
+        self._send(*self._message(pkt, verdict, payload))
+
+    def _message(self, pkt: QueuedPacket, verdict: int, payload) -> tuple[tuple, int]:
+        """The parts of one verdict message (header, payload, padding) and its length."""
         self.seq += 1
         fixed = self._nfgen + _VERDICT_NLA + VERDICT_HDR.pack(verdict, pkt.packet_id)
         if payload is None:
-            self._send(NLMSG_HDR.pack(_VERDICT_LEN, _VERDICT_TYPE, NLM_F_REQUEST, self.seq, 0) + fixed, 0)
-            return
+            return (NLMSG_HDR.pack(_VERDICT_LEN, _VERDICT_TYPE, NLM_F_REQUEST, self.seq, 0) + fixed,), _VERDICT_LEN
         plen = len(payload)
         pad = -plen & 3
-        head = (NLMSG_HDR.pack(_VERDICT_LEN + NLA_HDR.size + plen + pad, _VERDICT_TYPE, NLM_F_REQUEST,
-                               self.seq, 0) + fixed + NLA_HDR.pack(NLA_HDR.size + plen, NFQA_PAYLOAD))
-        self._send((head, payload, _PAD[pad]) if pad else (head, payload), _VERDICT_LEN + NLA_HDR.size + plen)
+        n = _VERDICT_LEN + NLA_HDR.size + plen + pad
+        head = (NLMSG_HDR.pack(n, _VERDICT_TYPE, NLM_F_REQUEST, self.seq, 0) + fixed
+                + NLA_HDR.pack(NLA_HDR.size + plen, NFQA_PAYLOAD))
+        return ((head, payload, _PAD[pad]) if pad else (head, payload)), n
 
     def _send(self, parts, size: int) -> None:
         """One datagram to the kernel.  Up to GIL_SEND_MAX bytes (pure verdicts, ACKs,
@@ -275,7 +279,7 @@ class NetlinkQueue:
         if size > GIL_SEND_MAX:
             self.sock.sendmsg(parts)
             return
-        data = parts if isinstance(parts, bytes) else b"".join(parts)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
         if _libc_gil.send(self.sock.fileno(), data, len(data), 0) < 0:
             e = ctypes.get_errno()
             raise OSError(e, os.strerror(e))
@@ -290,18 +294,7 @@ class NetlinkQueue:
         size = 0
         batch: list = []
         for pkt, verdict, payload in items:
-            self.seq += 1
-            fixed = self._nfgen + _VERDICT_NLA + VERDICT_HDR.pack(verdict, pkt.packet_id)
-            if payload is None:
-                parts = (NLMSG_HDR.pack(_VERDICT_LEN, _VERDICT_TYPE, NLM_F_REQUEST, self.seq, 0) + fixed,)
-                n = _VERDICT_LEN
-            else:
-                plen = len(payload)
-                pad = -plen & 3
-                n = _VERDICT_LEN + NLA_HDR.size + plen + pad
-                head = (NLMSG_HDR.pack(n, _VERDICT_TYPE, NLM_F_REQUEST, self.seq, 0) + fixed
-                        + NLA_HDR.pack(NLA_HDR.size + plen, NFQA_PAYLOAD))
-                parts = (head, payload, _PAD[pad]) if pad else (head, payload)
+            parts, n = self._message(pkt, verdict, payload)
             if iov and (size + n > VERDICT_BATCH_BYTES or len(iov) + len(parts) > 512):
                 failed += self._send_batch(iov, size, batch)
                 iov, size, batch = [], 0, []
