@@ -41,6 +41,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..syscalls import libc
+
 log = logging.getLogger("nfsplice.fastpath")
 
 SOURCE = os.path.join(os.path.dirname(__file__), "fastpath.bpf.c")
@@ -76,11 +78,10 @@ _BPF_MAP_LOOKUP_ELEM, _BPF_MAP_UPDATE_ELEM, _BPF_MAP_DELETE_ELEM = 1, 2, 3
 _BPF_OBJ_GET, _BPF_PROG_TEST_RUN = 7, 10
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-# The map calls keep the GIL: each takes microseconds, and the runner makes them with
-# its lock held; releasing the GIL for each one meant waiting to get it back from the
-# proxy's threads (under load ~0.3 ms a time), with every queue thread waiting on the lock.
-_libc_gil = ctypes.PyDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc_gil.syscall.restype = ctypes.c_long
+# The map calls keep the GIL (nfsplice.syscalls.libc): each takes microseconds, and the
+# runner makes them with its lock held; releasing the GIL for each one meant waiting to
+# get it back from the proxy's threads (under load ~0.3 ms a time), with every queue
+# thread waiting on the lock.
 
 
 class FastPathError(RuntimeError):
@@ -99,7 +100,7 @@ class Progress:
 
 def _bpf(cmd: int, attr: bytes) -> int:
     buf = ctypes.create_string_buffer(attr, 128)
-    r = _libc_gil.syscall(_NR_BPF, cmd, buf, 128)
+    r = libc.syscall(_NR_BPF, cmd, buf, 128)
     if r < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))

@@ -7,17 +7,17 @@ without it no queue consumer passes 1 Gbit/s) or NFQA_CFG_F_FAIL_OPEN.
 
 Packets are parsed in place in one receive buffer.  Verdicts decided together leave in
 one datagram; a small one is sent, like the non-blocking reads, with the GIL held (see
-_libc_gil), a large one by sendmsg() from where the payloads lie.
+nfsplice.syscalls), a large one by sendmsg() from where the payloads lie.
 """
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import socket
 import struct
 
+from ..syscalls import MSG_DONTWAIT, libc
 from .base import HOOK_PRE_ROUTING, QueuedPacket, QueueError
 
 NETLINK_NETFILTER = 12
@@ -69,18 +69,13 @@ VERDICT_HDR = struct.Struct("!II")        # struct nfqnl_msg_verdict_hdr
 _U32BE = struct.Struct("!I")
 
 RECV_BUF = 1 << 18
-# recv and send with the GIL held (ctypes.PyDLL).  A netlink send to the kernel never
-# waits (a verdict is processed inside the call: ~100 us for a 64 KiB packet forwarded),
-# nor does a recv with MSG_DONTWAIT; releasing the GIL around them, as the socket module
-# does, meant waiting to get it back behind the proxy's threads (under 50-connection
-# load ~1 ms a time, with the queue hundreds of packets behind).  The queue thread is the
-# one thread every spliced byte waits for: it keeps the GIL while it has work.
-_libc_gil = ctypes.PyDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc_gil.recv.restype = ctypes.c_ssize_t
-_libc_gil.recv.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_libc_gil.send.restype = ctypes.c_ssize_t
-_libc_gil.send.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int)
-_MSG_DONTWAIT = 0x40
+# recv and send with the GIL held (nfsplice.syscalls).  A netlink send to the kernel
+# never waits (a verdict is processed inside the call: ~100 us for a 64 KiB packet
+# forwarded), nor does a recv with MSG_DONTWAIT; releasing the GIL around them, as the
+# socket module does, meant waiting to get it back behind the proxy's threads (under
+# 50-connection load ~1 ms a time, with the queue hundreds of packets behind).  The
+# queue thread is the one thread every spliced byte waits for: it keeps the GIL while it
+# has work.
 GIL_SEND_MAX = 16 << 10
 _VERDICT_TYPE = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT
 _VERDICT_NLA = NLA_HDR.pack(NLA_HDR.size + VERDICT_HDR.size, NFQA_VERDICT_HDR)
@@ -187,7 +182,7 @@ class NetlinkQueue:
     # -- packets ------------------------------------------------------------------------
     def receive(self, timeout: float | None = None) -> list[QueuedPacket]:
         """Wait up to TIMEOUT for one datagram; return its packets (views into our buffer)."""
-        n = _libc_gil.recv(self.sock.fileno(), self._buf_addr, RECV_BUF, _MSG_DONTWAIT)
+        n = libc.recv(self.sock.fileno(), self._buf_addr, RECV_BUF, MSG_DONTWAIT)
         e = ctypes.get_errno() if n < 0 else 0
         try:
             if n < 0 and e == errno.ENOBUFS:
@@ -273,14 +268,14 @@ class NetlinkQueue:
 
     def _send(self, parts, size: int) -> None:
         """One datagram to the kernel.  Up to GIL_SEND_MAX bytes (pure verdicts, ACKs,
-        small packets) with the GIL held, copied into one buffer (see _libc_gil); larger
+        small packets) with the GIL held, copied into one buffer (see nfsplice.syscalls); larger
         ones, where the kernel's work inside the call (forwarding 64 KiB packets, ~100 us
         each) is worth letting other threads run, sent in place by sendmsg()."""
         if size > GIL_SEND_MAX:
             self.sock.sendmsg(parts)
             return
         data = parts[0] if len(parts) == 1 else b"".join(parts)
-        if _libc_gil.send(self.sock.fileno(), data, len(data), 0) < 0:
+        if libc.send(self.sock.fileno(), data, len(data), 0) < 0:
             e = ctypes.get_errno()
             raise OSError(e, os.strerror(e))
 

@@ -1,0 +1,125 @@
+"""nfsplice.syscalls: non-blocking calls that keep the GIL, and socket timeouts without
+Python's poll-before-every-call."""
+from __future__ import annotations
+
+import fcntl
+import socket
+import sys
+import termios
+import threading
+import time
+
+import pytest
+
+from nfsplice import handoff, syscalls
+
+
+@pytest.fixture
+def pair():
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    a = socket.create_connection(lst.getsockname())
+    b, _ = lst.accept()
+    lst.close()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_recv_now_nothing_data_and_end(pair):
+    a, b = pair
+    r = syscalls.Reader(8)
+    assert r.recv_now(b.fileno()) is None
+    a.sendall(b"0123456789")
+    deadline = time.monotonic() + 5
+    while handoff.inq(b) < 10 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert handoff.inq(b) == 10
+    assert r.recv_now(b.fileno()) == b"01234567"      # at most the buffer's size
+    assert r.recv_now(b.fileno()) == b"89"
+    assert r.recv_now(b.fileno()) is None
+    a.shutdown(socket.SHUT_WR)
+    while r.recv_now(b.fileno()) is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert r.recv_now(b.fileno()) == b""
+
+
+def test_recv_now_and_ioctl_name_the_error():
+    s = socket.socket()
+    fd = s.fileno()
+    s.close()
+    with pytest.raises(OSError) as e:
+        syscalls.Reader().recv_now(fd)
+    assert e.value.errno == 9       # EBADF
+    with pytest.raises(OSError):
+        syscalls.ioctl_int(fd, handoff.SIOCINQ)
+
+
+def test_outq_counts_what_the_peer_has_not_acknowledged(pair):
+    a, b = pair
+    assert handoff.outq(a) == 0
+    a.sendall(b"x" * 1000)
+    deadline = time.monotonic() + 5
+    while handoff.outq(a) and time.monotonic() < deadline:      # loopback ACKs at once
+        time.sleep(0.001)
+    assert handoff.outq(a) == 0 and handoff.inq(b) == 1000
+
+
+def test_set_timeouts_bounds_a_blocking_recv(pair):
+    a, b = pair
+    b.settimeout(30)                       # Python's own timeout is replaced
+    syscalls.set_timeouts(b, 0.2)
+    assert b.gettimeout() is None
+    t0 = time.monotonic()
+    with pytest.raises(BlockingIOError):
+        b.recv(10)
+    assert 0.15 < time.monotonic() - t0 < 5
+    a.sendall(b"hi")
+    assert b.recv(10) == b"hi"             # still a plain blocking socket
+
+
+def test_set_timeouts_zero_is_not_for_ever(pair):
+    _, b = pair
+    syscalls.set_timeouts(b, 0)            # SO_RCVTIMEO 0 would block for ever
+    t0 = time.monotonic()
+    with pytest.raises(BlockingIOError):
+        b.recv(10)
+    assert time.monotonic() - t0 < 5
+
+
+def _gil_released(call, n: int = 2000) -> int:
+    """How often another thread ran while CALL was made N times in a row.  With a long
+    switch interval that thread can only run when the caller lets go of the GIL."""
+    count = [0]
+    stop = threading.Event()
+
+    def other():
+        while not stop.is_set():
+            count[0] += 1
+            time.sleep(0.0001)            # lets go of the GIL, then wants it back
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(5.0)
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        time.sleep(0.01)
+        before = count[0]
+        for _ in range(n):
+            call()
+        return count[0] - before
+    finally:
+        stop.set()
+        sys.setswitchinterval(old)
+        t.join()
+
+
+def test_calls_keep_the_gil(pair):
+    a, b = pair
+    r = syscalls.Reader()
+    assert _gil_released(lambda: handoff.inq(b)) == 0
+    assert _gil_released(lambda: handoff.outq(a)) == 0
+    assert _gil_released(lambda: r.recv_now(b.fileno())) == 0
+    # The check can fail: the fcntl module's ioctl lets go of the GIL.
+    assert _gil_released(lambda: fcntl.ioctl(b.fileno(), termios.FIONREAD, b"\0\0\0\0")) > 0
