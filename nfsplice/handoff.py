@@ -10,13 +10,13 @@ TCP_TIMESTAMP the TSval the socket would send now.
 """
 from __future__ import annotations
 
-import fcntl
 import select
 import socket
 import struct
 import time
 from dataclasses import dataclass, field
 
+from . import syscalls
 from .engine import SocketState
 
 # include/uapi/linux/tcp.h
@@ -37,7 +37,6 @@ TCPI_OPT_WSCALE = 4
 SIOCINQ = 0x541B    # FIONREAD: bytes not yet read
 SIOCOUTQ = 0x5411   # TIOCOUTQ: bytes (and FIN) sent but not yet acknowledged
 
-_INT = struct.Struct("i")
 _U32 = struct.Struct("I")
 
 
@@ -71,8 +70,10 @@ def drain(csock: socket.socket, usock: socket.socket, timeout: float, *, limits=
     out = Drained([0, 0], [False, False], list(limits))
     ends = ((csock, usock), (usock, csock))
     deadline = time.monotonic() + timeout
-    for s in (csock, usock):
-        s.setblocking(False)
+    # The sockets stay blocking: reads here never wait (MSG_DONTWAIT), a send waits at
+    # most until the deadline (SO_SNDTIMEO), and neither lets go of the GIL for nothing
+    # (nfsplice.syscalls).
+    reader = syscalls.Reader()
     # Nothing wakes us when the peer's ACK empties a send queue: poll, briefly at first
     # (an ACK usually takes well under a millisecond here), backing off to 5 ms.
     nap = 0.001
@@ -82,11 +83,11 @@ def drain(csock: socket.socket, usock: socket.socket, timeout: float, *, limits=
             if out.finished[d]:
                 continue
             try:
-                data = src.recv(1 << 16)
-            except BlockingIOError:
-                continue
+                data = reader.recv_now(src.fileno())
             except OSError as e:
                 raise HandoffError(f"{e.strerror or e} during the hand-off") from None
+            if data is None:
+                continue
             moved = True
             if not data:
                 out.finished[d] = True
@@ -107,9 +108,11 @@ def drain(csock: socket.socket, usock: socket.socket, timeout: float, *, limits=
                 continue
             if on_data is not None:
                 on_data(d, out.copied[d], data)
-            dst.settimeout(max(0.1, deadline - time.monotonic()))
-            dst.sendall(data)
-            dst.setblocking(False)
+            syscalls.set_timeouts(dst, max(0.1, deadline - time.monotonic()))
+            try:
+                dst.sendall(data)
+            except OSError as e:     # (EAGAIN: the receiver took nothing until the deadline)
+                raise HandoffError(f"{e.strerror or e} during the hand-off") from None
             out.copied[d] += len(data)
         if moved:
             continue
@@ -137,11 +140,11 @@ def within(limit, data) -> int:
 
 
 def inq(sock: socket.socket) -> int:
-    return _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCINQ, b"\0\0\0\0"))[0]
+    return syscalls.ioctl_int(sock.fileno(), SIOCINQ)
 
 
 def outq(sock: socket.socket) -> int:
-    return _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
+    return syscalls.ioctl_int(sock.fileno(), SIOCOUTQ)
 
 
 def tcp_info(sock: socket.socket) -> tuple[int, int, int]:

@@ -61,7 +61,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .. import handoff
+from .. import handoff, syscalls
 from ..cache import layer, policy
 from ..cache.store import ABORTED, COMMITTED
 from ..engine import QUEUE_MARK, S2C, Endpoint, Pair
@@ -138,12 +138,16 @@ class Conn:
         self.buf = bytearray()
         self.eof = False
         self.reused = False
+        self._addrs_of: socket.socket | None = None
+        self._addrs: tuple = ()
 
     def fill(self, timeout: float) -> int:
-        self.sock.settimeout(timeout)
+        """Read what comes within TIMEOUT seconds (which also bounds the sends until
+        the next fill)."""
+        syscalls.set_timeouts(self.sock, timeout)
         try:
             data = self.sock.recv(RECV)
-        except (socket.timeout, TimeoutError):
+        except (socket.timeout, TimeoutError, BlockingIOError):
             raise _Timeout(f"{self.name}: timeout") from None
         except OSError as e:
             raise _Closed(f"{self.name}: {e.strerror or e}") from None
@@ -152,6 +156,14 @@ class Conn:
             return 0
         self.buf += data
         return len(data)
+
+    def addrs(self) -> tuple:
+        """(local, peer) address of the socket, asked of the kernel once per socket
+        (getsockname and getpeername let go of the GIL)."""
+        if self._addrs_of is not self.sock:
+            self._addrs = (self.sock.getsockname(), self.sock.getpeername())
+            self._addrs_of = self.sock
+        return self._addrs
 
     def send(self, data) -> None:
         try:
@@ -1258,8 +1270,7 @@ class HTTPProxy:
         message is the client's (a request body): the origin's early answer is kept for
         the proxy, and a FIN after the body waits for the rebuilt socket."""
         csock, usock = client.sock, up.sock
-        cpeer, cloc = csock.getpeername(), csock.getsockname()
-        upeer, uloc = usock.getpeername(), usock.getsockname()
+        (cloc, cpeer), (uloc, upeer) = client.addrs(), up.addrs()
         pair = Pair(Endpoint(socket.inet_aton(cpeer[0]), cpeer[1]), Endpoint(socket.inet_aton(cloc[0]), cloc[1]),
                     Endpoint(socket.inet_aton(uloc[0]), uloc[1]), Endpoint(socket.inet_aton(upeer[0]), upeer[1]))
         pair.owner = [csock, usock, uloc[1], False]   # see common.forget_pair
@@ -1275,8 +1286,6 @@ class HTTPProxy:
                 # pair: the proxy delivered it; nothing to splice, nothing to rebuild.
                 self.waiters.pop(id(pair), None)
                 self.runner.abort(pair, "delivered_by_proxy")
-                for c in (client, up):
-                    c.sock.setblocking(True)
                 if ex is not None:
                     ex.mode = "copied"
                 return "copied"
@@ -1330,6 +1339,8 @@ class HTTPProxy:
         try:
             client.sock = handoff.restore(a_addr[0], a_addr[1], a2)
             up.sock = handoff.restore(b_addr[0], b_addr[1], b2)      # (the same source port)
+            client._addrs, client._addrs_of = a_addr, client.sock
+            up._addrs, up._addrs_of = b_addr, up.sock
             for c in (client, up):
                 c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as e:
