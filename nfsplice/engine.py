@@ -314,9 +314,12 @@ class Engine:
             # retransmission timeout.  A copy has no queue entry: it is sent again.
             pair.held.append(Held(None, _whole(buf, v, csum_partial), False, d))
             c["held.next_message"] += 1
+            kept = True
+        else:
+            kept = False
         plen = v.payload_len
         try:
-            out = self._forward(pair, d, v, csum_partial)
+            out = self._forward(pair, d, v, csum_partial, kept)
         except Malformed as e:
             c["malformed." + e.reason] += 1
             c["dropped.malformed_spliced"] += 1
@@ -364,9 +367,10 @@ class Engine:
             c["injected.ack"] += 1
         return Decision.HOLD
 
-    def _forward(self, pair: Pair, d: int, v: TCPView, csum_partial: bool) -> TCPView:
+    def _forward(self, pair: Pair, d: int, v: TCPView, csum_partial: bool, kept: bool = False) -> TCPView:
         """Rewrite V for the other connection; returns the view rewritten (a shorter one
-        when bytes past the direction's message end were cut off)."""
+        when bytes past the direction's message end were cut off).  KEPT: a whole copy of
+        V waits for the rebuilt socket, so what is cut here is not lost."""
         if pair.ts_pending[d]:
             self._learn_tsval(pair, d, v)
         if pair.ts_pending[1 - d] and v.doff > 20:
@@ -384,7 +388,7 @@ class Engine:
         if end is not None:
             over = seq.diff(seq.add(v.seq, v.payload_len), end)
             if over > 0 or (v.flags & FIN and over == 0 and not pair.end_fin[d] and pair.end_final[d]):
-                v = self._cut_at_end(pair, d, v, max(over, 0))
+                v = self._cut_at_end(pair, d, v, max(over, 0), kept)
                 csum_partial = True    # the payload changed: summed in full
             elif v.flags & FIN and not pair.end_fin[d]:
                 # A FIN before the end of a message after which the connection was to
@@ -462,13 +466,15 @@ class Engine:
         pair.ts_pending[d] = False
         self.counters["pairs.tsval_learnt_late"] += 1
 
-    def _cut_at_end(self, pair: Pair, d: int, v: TCPView, over: int) -> TCPView:
+    def _cut_at_end(self, pair: Pair, d: int, v: TCPView, over: int, kept: bool = False) -> TCPView:
         """Nothing past a direction's message end is forwarded (an HTTP body spliced with
         its exact length): the payload beyond it is cut off and a FIN that would follow
         it dropped; what the segment acknowledges still goes on.  Past a tentative end
         (chunked framing not scanned yet: the segment holding it was lost or comes out
         of order) the cut is no overrun: the receiver never acknowledges those bytes,
-        so the sender sends them again, and by then the end has moved on."""
+        so the sender sends them again, and by then the end has moved on.  KEPT (the
+        cut bytes are a next message, copied for the rebuilt socket): counted as
+        held.next_message_bytes, not dropped."""
         c = self.counters
         plen = v.payload_len
         cut = min(over, plen)
@@ -478,6 +484,11 @@ class Engine:
         if cut and not pair.end_final[d]:
             c["chunked.cut_ahead_bytes"] += cut
             c["chunked.cut_ahead"] += 1
+        elif cut and kept:
+            # The next message, its copy kept for the rebuilt socket (process): cut
+            # from the splice, not lost.
+            c["held.next_message_bytes"] += cut
+            pair.overrun = True
         elif cut:
             c["dropped.beyond_message_bytes"] += cut
             c["trimmed.beyond_message"] += 1
