@@ -44,6 +44,8 @@ _TS = struct.Struct("!II")
 _PKT_NAMES = ("packets.c2s", "packets.s2c")
 _BYTE_NAMES = ("bytes.c2s", "bytes.s2c")
 _ZERO_WINDOW_NAMES = ("window.zero_c2s", "window.zero_s2c")
+# How far past a resumable pair's message end its receivers' windows reach (see _forward).
+NEXT_MESSAGE_WINDOW = 64 << 10
 
 
 class Decision(enum.IntEnum):
@@ -433,12 +435,17 @@ class Engine:
                     self._closing(pair)
         if not v.window and not flags & (SYN | RST):
             self.counters[_ZERO_WINDOW_NAMES[d]] += 1
+        # A pair that resumes offers no window past the other direction's message end
+        # plus NEXT_MESSAGE_WINDOW: what its sender sends beyond the end waits in the
+        # proxy's rebuilt socket until the proxy reads a head, so a next body that
+        # arrived whole could not be spliced (the fast path does the same, F_LIMIT).
+        limit = (seq.add(pair.end_seq[o], NEXT_MESSAGE_WINDOW)
+                 if pair.resumable and pair.end_seq[o] is not None and pair.end_final[o] else None)
+        w = packet.rewrite(v, tr, csum_partial, limit)
         if flags & ACK:
-            w = (v.window << tr.win_shift_in) >> tr.win_shift_out
-            edge = seq.add(v.ack, tr.ack_delta + ((w if w < 0xFFFF else 0xFFFF) << tr.win_shift_out))
+            edge = seq.add(v.ack, tr.ack_delta + (w << tr.win_shift_out))
             if pair.win_edge[d] is None or seq.gt(edge, pair.win_edge[d]):
                 pair.win_edge[d] = edge
-        packet.rewrite(v, tr, csum_partial)
         self.counters["checksum.full" if csum_partial else "checksum.incremental"] += 1
         pair.packets[d] += 1
         pair.bytes[d] += plen
@@ -770,8 +777,12 @@ class Engine:
                 and not pair.ts_pending[S2C]:
             # (With the origin's TSval unknown, its answer would go through the queue
             # until the engine learnt it; a burst there costs more than the stall.)
-            self.injected.append(_window_update(pair, a, b, ts_on))
+            wu = _window_update(pair, a, b, ts_on)
+            self.injected.append(wu)
             self.counters["injected.window_update"] += 1
+            edge = seq.add(b.rcv_seq, TCPView(wu).window << b.rcv_wscale)
+            if pair.win_edge[C2S] is None or seq.gt(edge, pair.win_edge[C2S]):
+                pair.win_edge[C2S] = edge
         if self.fast:
             self._fast_check(pair)
         return out
@@ -860,16 +871,23 @@ class Engine:
         rcv = [pair.end_seq[d] if pair.end_seq[d] is not None else (pair.next_seq[d] or st.rcv_seq)
                for d, st in ((C2S, a), (S2C, b))]
         elapsed_ms = int((self.clock() - pair.spliced_at) * 1000) + 1000
-        # Each rebuilt socket offers at least the window its peer was last offered
-        # through the splice (the other side's, translated), never less: the peer may
-        # send up to that edge at once, and a socket offering less drops what is past
-        # its own window (an RTO, ~200 ms, for the next response after every resume).
+        # Each rebuilt socket offers exactly as far as its peer was ever offered: by the
+        # frozen socket itself (rcv_wup + rcv_wnd), by the window update at the splice
+        # and by the other side's translated ACKs.  Never less: the peer may send up to
+        # that edge at once, and a socket offering less drops what is past its own
+        # window (an RTO, ~200 ms, for the next response after every resume).  No more
+        # either: the frozen socket's window counted from the message end let a whole
+        # next body into the rebuilt socket before the proxy had read its head.  The
+        # rebuilt socket announces its own window as soon as it is live.
         win = []
         for st, d, rcv_seq in ((a, S2C, rcv[C2S]), (b, C2S, rcv[S2C])):
             w = st.window
-            edge = pair.win_edge[d]
-            if w and edge is not None and seq.gt(edge, seq.add(rcv_seq, w[3])):
-                w = (w[0], w[1], w[2], seq.diff(edge, rcv_seq), w[4])
+            if w:
+                top = seq.add(w[4], w[3])
+                edge = pair.win_edge[d]
+                if edge is not None and seq.gt(edge, top):
+                    top = edge
+                w = (w[0], w[1], w[2], max(0, seq.diff(top, rcv_seq)), w[4])
             win.append(w)
         a2 = SocketState(seq.add(rcv[S2C], pair.tr[S2C].seq_delta), rcv[C2S], a.snd_wscale, a.rcv_wscale,
                          a.timestamps, seq.add(a.ts_now, elapsed_ms), a.sack, a.mss, win[0])
@@ -1021,10 +1039,12 @@ def _window_update(pair: Pair, a: SocketState, b: SocketState, ts_on: bool) -> b
     window (the proxy stopped reading after the head) would wait for its persist timer,
     200 ms or more, before it learns the window is open again.  The window is the
     client's as A last saw it, in the scale B announced; TSval one past B's last."""
-    wnd = a.window[1] >> b.rcv_wscale if a.window else 0xFFFF
+    wnd = max(1, min(a.window[1] >> b.rcv_wscale if a.window else 0xFFFF, 0xFFFF))
+    if pair.resumable and pair.end_seq[S2C] is not None and pair.end_final[S2C]:
+        wnd = packet.limit_window(wnd, b.rcv_wscale, b.rcv_seq, seq.add(pair.end_seq[S2C], NEXT_MESSAGE_WINDOW))
     opts = packet.timestamp_option(seq.add(b.ts_now, 1), pair.tsval[S2C] or 0) if ts_on else b""
     return packet.build(pair.proxy_b.ip, pair.server.ip, pair.proxy_b.port, pair.server.port,
-                        b.snd_seq, b.rcv_seq, ACK, window=max(1, min(wnd, 0xFFFF)), options=opts)
+                        b.snd_seq, b.rcv_seq, ACK, window=wnd, options=opts)
 
 
 def _prefreeze_ack(pair: Pair, key: bytes, v: TCPView) -> bool:

@@ -204,8 +204,20 @@ def convert_window(window: int, shift_in: int, shift_out: int) -> int:
     return w
 
 
-def rewrite(v: TCPView, tr: Translation, full_checksum: bool) -> None:
-    """Apply TR to the packet in V's buffer, in place, checksums included."""
+def limit_window(window: int, shift: int, ack: int, limit: int) -> int:
+    """WINDOW (a field in units of 2**SHIFT, offered at ACK) cut so that it offers no
+    space past LIMIT (sequence numbers mod 2**32, LIMIT ahead of ACK); a non-zero window
+    stays non-zero.  The fast path's rule (F_LIMIT), bit for bit."""
+    room = (limit - ack) & _MASK32
+    if window << shift <= room:
+        return window
+    return max(room >> shift, 1)
+
+
+def rewrite(v: TCPView, tr: Translation, full_checksum: bool, win_limit: int | None = None) -> int:
+    """Apply TR to the packet in V's buffer, in place, checksums included.  WIN_LIMIT
+    (the receiver's sequence space): the window offered reaches no further.  Returns the
+    window field written."""
     b = v.buf
     t = v.t                      # always 20: IP options are refused by TCPView
     hdr_end = v.payload_off
@@ -225,8 +237,13 @@ def rewrite(v: TCPView, tr: Translation, full_checksum: bool) -> None:
     # The acknowledgement field means nothing without ACK (a bare RST): left alone.
     ack = (v.ack + tr.ack_delta) & _MASK32 if v.flags & ACK else v.ack
     _PORTS_SEQ_ACK.pack_into(b, t, tr.sport, tr.dport, (v.seq + tr.seq_delta) & _MASK32, ack)
-    if tr.win_shift_in != tr.win_shift_out and not v.flags & SYN:
-        _U16.pack_into(b, t + 14, convert_window(v.window, tr.win_shift_in, tr.win_shift_out))
+    window = v.window
+    if not v.flags & SYN:
+        window = convert_window(window, tr.win_shift_in, tr.win_shift_out)
+        if win_limit is not None and window and v.flags & ACK:
+            window = limit_window(window, tr.win_shift_out, ack, win_limit)
+        if window != v.window:
+            _U16.pack_into(b, t + 14, window)
     if opts:
         o = opts.get(OPT_TIMESTAMP)
         if o is not None:
@@ -247,6 +264,7 @@ def rewrite(v: TCPView, tr: Translation, full_checksum: bool) -> None:
     else:
         c = checksum.incremental(old_check, old, bytes(b[12:hdr_end]))
     _U16.pack_into(b, t + 16, c)
+    return window
 
 
 def ack_only(v: TCPView) -> bytearray:

@@ -215,7 +215,8 @@ class Runner:
                                              mark=QUEUE_MARK, fast=False, pass_acks=sig == "handoff")] * 2
                     else:
                         values = [flow_value(pair.tr[d], end_seq=sig[d][0], ack_watch=sig[d][1],
-                                             ifindex=egress[d], mark=QUEUE_MARK, tap=sig[d][2], c2s=d == C2S)
+                                             ifindex=egress[d], mark=QUEUE_MARK, tap=sig[d][2], c2s=d == C2S,
+                                             win_limit=pair.resumable)
                                   for d in (C2S, S2C)]
                         eng.counters["fastpath.flows_written"] += 2
                 for d, key in enumerate(keys):

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nfsplice import fastpath, packet, seq
+from nfsplice.engine import NEXT_MESSAGE_WINDOW
 from nfsplice.packet import ACK, FIN, PSH, RST, SYN, URG, Translation, TCPView
 
 pytestmark = pytest.mark.root
@@ -108,10 +109,11 @@ def expect_fast(pkt: bytearray, tr: Translation, end, watch) -> bool:
 
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(tr=translations, pkt=packets(), end=st.one_of(st.none(), U32), watch=st.one_of(st.none(), U32))
-def test_program_rewrites_exactly_like_the_engine(fp, tr, pkt, end, watch):
+@given(tr=translations, pkt=packets(), end=st.one_of(st.none(), U32), watch=st.one_of(st.none(), U32),
+       limit=st.booleans())
+def test_program_rewrites_exactly_like_the_engine(fp, tr, pkt, end, watch, limit):
     key = bytes(pkt[12:20]) + bytes(pkt[20:24])
-    fp.put(key, fastpath.flow_value(tr, end_seq=end, ack_watch=watch, ifindex=0))
+    fp.put(key, fastpath.flow_value(tr, end_seq=end, ack_watch=watch, ifindex=0, win_limit=limit))
     before = _fast_packets(fp)
     rv, out = fp.test_run(ETH + bytes(pkt))
     went_fast = _fast_packets(fp) - before == 1
@@ -121,7 +123,8 @@ def test_program_rewrites_exactly_like_the_engine(fp, tr, pkt, end, watch):
     assert went_fast == want, (want, pkt.hex())
     if want:
         ref = bytearray(pkt)
-        packet.rewrite(TCPView(memoryview(ref)), tr, False)
+        win_limit = seq.add(watch, NEXT_MESSAGE_WINDOW) if limit and watch is not None else None
+        packet.rewrite(TCPView(memoryview(ref)), tr, False, win_limit)
         assert out[14:] == bytes(ref), f"\n{out[14:].hex()}\n{bytes(ref).hex()}"
         # ... and the checksums are right, not merely equal to ours.
         v = TCPView(memoryview(bytearray(out[14:])))
@@ -244,6 +247,28 @@ def test_plain_data_goes_fast_and_exact(fp, tr, seq_, ack, tsval, tsecr, ts, win
     packet.rewrite(TCPView(memoryview(ref)), tr, False)
     assert out[14:] == bytes(ref)
     fp.take(key)
+
+
+def test_window_past_a_resuming_message_end_is_cut_and_counted(fp):
+    """A pair that resumes (F_LIMIT): the client's ACKs offer the origin no window past
+    the body's end (the watch) + NEXT_MESSAGE_WINDOW; the rest of the window is left
+    alone, and a flow without the flag passes the window whole."""
+    tr = Translation(SOURCE, ORIGIN, 61000, 80, seq_delta=5, ack_delta=7, win_shift_in=7, win_shift_out=7)
+    watch = 1_000_000
+    cases = ((True, watch - 7 - 100_000, 4000, (100_000 + NEXT_MESSAGE_WINDOW) >> 7, 1),   # cut
+             (True, watch - 7 - 500_000, 4000, 4000, 0),      # 512000 bytes: within the limit
+             (False, watch - 7 - 100_000, 4000, 4000, 0))     # not resuming: whole
+    for limited, ack, window, want, counted in cases:
+        pkt = packet.build(CLIENT, LISTEN, 40007, 8080, 100, ack, ACK, window=window)
+        key = bytes(pkt[12:24])
+        fp.put(key, fastpath.flow_value(tr, end_seq=None, ack_watch=watch, ifindex=0, win_limit=limited))
+        before = fp.counters().get("fastpath.window_limited", 0)
+        rv, out = fp.test_run(ETH + bytes(pkt))
+        assert struct.unpack_from("!H", out, 14 + 34)[0] == want
+        v = TCPView(memoryview(bytearray(out[14:])))
+        assert packet.checksum.full_tcp(v.src, v.dst, v.buf[20:], 16) == struct.unpack_from("!H", out, 14 + 36)[0]
+        assert fp.counters().get("fastpath.window_limited", 0) - before == counted
+        fp.take(key)
 
 
 def test_zero_windows_go_fast_and_are_counted_per_direction(fp):

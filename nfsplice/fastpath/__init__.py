@@ -52,11 +52,11 @@ FLOW = struct.Struct("=4s4s2s2sIIIIIIIIIBBBBI")
 # struct progress (32 bytes): packets, bytes, last_ns, next_seq.
 PROGRESS = struct.Struct("=QQQI4x")
 _BPF_ANY, _BPF_NOEXIST = 0, 1
-F_FAST, F_END, F_WATCH, F_FLOOR, F_TAP, F_PASS_ACKS, F_C2S = 1, 2, 4, 8, 16, 32, 64
+F_FAST, F_END, F_WATCH, F_FLOOR, F_TAP, F_PASS_ACKS, F_C2S, F_LIMIT = 1, 2, 4, 8, 16, 32, 64, 128
 STAT_NAMES = ("fast_packets", "fast_bytes", "queue_marked", "punt.flags", "punt.options",
               "punt.message_end", "punt.ack_watch", "punt.tsecr_floor", "zero_window_c2s",
               "punt.shape", "redirect_failed", "tap_records", "punt.tap_full", "handoff_acks_passed",
-              "punt.no_progress", "zero_window_s2c")
+              "punt.no_progress", "zero_window_s2c", "window_limited")
 TAP_RING_SIZE = 64 << 20          # nfs_tap's max_entries (without clones)
 TAP_DEV_PREFIX = "nfst"           # the clone tap's veth pair: nfst<pref>, nfst<pref>p
 TAP_RCVBUF = 512 << 20            # SO_RCVBUFFORCE of the clone socket (the kernel doubles it)
@@ -172,7 +172,10 @@ def compile_program(out_dir: str, tap_clone_ifindex: int = 0) -> str:
     """The program in OUT_DIR; with TAP_CLONE_IFINDEX it taps by cloning to that device."""
     obj = os.path.join(out_dir, "fastpath.bpf.o")
     arch_inc = f"/usr/include/{os.uname().machine}-linux-gnu"
-    defines = [f"-DTAP_CLONE_IFINDEX={tap_clone_ifindex}"] if tap_clone_ifindex else []
+    from ..engine import NEXT_MESSAGE_WINDOW
+    defines = [f"-DNEXT_MESSAGE_WINDOW={NEXT_MESSAGE_WINDOW}"]
+    if tap_clone_ifindex:
+        defines.append(f"-DTAP_CLONE_IFINDEX={tap_clone_ifindex}")
     r = _run(["clang", "-O2", "-g", "-target", "bpf", "-I", arch_inc, *defines, "-c", SOURCE, "-o", obj])
     if r.returncode:
         raise FastPathError(f"compiling {SOURCE} failed: {r.stderr.strip()[-800:]}")
@@ -527,11 +530,14 @@ class TapClones:
 
 
 def flow_value(tr, *, end_seq: int | None, ack_watch: int | None, ifindex: int, mark: int = 0,
-               fast: bool = True, tap: bool = False, pass_acks: bool = False, c2s: bool = False) -> bytes:
+               fast: bool = True, tap: bool = False, pass_acks: bool = False, c2s: bool = False,
+               win_limit: bool = False) -> bytes:
     """The map value for one direction with Translation TR (packet.Translation); C2S:
-    the client's direction (the program counts zero windows per direction)."""
+    the client's direction (the program counts zero windows per direction); WIN_LIMIT
+    (with ACK_WATCH): no window offered past ACK_WATCH + engine.NEXT_MESSAGE_WINDOW."""
     flags = (F_FAST if fast else 0) | (F_TAP if tap else 0) | (F_END if end_seq is not None else 0) \
         | (F_PASS_ACKS if pass_acks else 0) | (F_C2S if c2s else 0) \
+        | (F_LIMIT if win_limit and ack_watch is not None else 0) \
         | (F_WATCH if ack_watch is not None else 0) | (F_FLOOR if tr.tsecr_floor is not None else 0)
     m = 0xFFFFFFFF
     return FLOW.pack(tr.src, tr.dst, struct.pack("!H", tr.sport), struct.pack("!H", tr.dport),

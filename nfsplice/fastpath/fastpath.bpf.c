@@ -50,6 +50,10 @@
 #define F_TAP   16   /* copy the payload into nfs_tap for the engine's tap sinks */
 #define F_PASS_ACKS 32  /* not fast: pure ACKs pass unmarked (a hand-off) */
 #define F_C2S   64   /* the client's direction (which zero-window counter) */
+#define F_LIMIT 128  /* a pair that resumes: no window offered past ack_watch + NEXT_MESSAGE_WINDOW */
+#ifndef NEXT_MESSAGE_WINDOW
+#define NEXT_MESSAGE_WINDOW 65536   /* the engine passes its own (engine.NEXT_MESSAGE_WINDOW) */
+#endif
 #define TAP_MAX 65536
 
 struct flow_key {
@@ -83,7 +87,7 @@ struct progress {
 enum {
 	S_FAST_PACKETS, S_FAST_BYTES, S_QUEUE_MARKED,
 	P_FLAGS, P_OPTIONS, P_END, P_WATCH, P_FLOOR, S_ZERO_WINDOW_C2S, P_SHAPE, P_REDIRECT,
-	S_TAP_RECORDS, P_TAP_FULL, S_PASSED_ACKS, P_NO_PROGRESS, S_ZERO_WINDOW_S2C,
+	S_TAP_RECORDS, P_TAP_FULL, S_PASSED_ACKS, P_NO_PROGRESS, S_ZERO_WINDOW_S2C, S_WINDOW_LIMITED,
 	S_MAX
 };
 
@@ -281,6 +285,19 @@ int nfsplice_fast(struct __sk_buff *skb)
 			w = 0xffff;
 		if (w == 0)
 			w = 1;   /* win != 0 here: a non-zero window never becomes zero */
+	}
+	if ((f->flags & F_LIMIT) && w) {
+		/* A pair that resumes: what the sender sends past the other direction's
+		 * message end waits in the proxy's rebuilt socket, so it is offered no more
+		 * than NEXT_MESSAGE_WINDOW there (engine._forward does the same).  ack is
+		 * short of ack_watch here (else punted above): room > NEXT_MESSAGE_WINDOW. */
+		__u32 room = f->ack_watch + NEXT_MESSAGE_WINDOW - ack;
+		if ((w << (f->win_out & 15)) > room) {
+			w = room >> (f->win_out & 15);
+			if (w == 0)
+				w = 1;
+			count(S_WINDOW_LIMITED, 1);
+		}
 	}
 	__u16 ports[2] = {f->sport, f->dport};
 	new[0] = *(__u32 *)ports;
