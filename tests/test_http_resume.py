@@ -19,6 +19,8 @@ import time
 import pytest
 
 from netns_lab.origins import NginxOrigin
+from nfsplice import engine
+from nfsplice.proxy import http
 from netns_lab.topology import Lab
 from tests.splicer import instance_stats
 from tests.test_http_proxy import PROXY, HTTPProxyProc, curl, stop_all
@@ -77,3 +79,26 @@ def test_spliced_responses_in_a_row_wait_for_no_timeout(env, port):
         st = instance_stats("hrs-fast", time.time())
         assert st.get("pairs.spliced", 0) >= n - 1, st
         assert st.get("proxy_socket.handoff_out", 0) == 0, st
+
+
+def test_next_body_waits_at_the_origin_not_in_the_rebuilt_socket(env):
+    """After a spliced response, the next one on the same connections is spliced too,
+    and the proxy copies little of it itself: the rebuilt upstream socket offers the
+    origin no more than NEXT_MESSAGE_WINDOW past the body's end, and reads heads with a
+    HEAD_RCVBUF buffer, so a body waits at the origin until the splice.  (With the
+    kernel's autotuned buffer and the frozen socket's window counted from the message
+    end, bodies arrived whole, or largely, before the hand-off and were copied.)"""
+    lab, sha, procs = env
+    n = 6
+    before = instance_stats("hrs-fast", time.time())
+    args = []
+    for _ in range(n):
+        args += ["-o", "/dev/null", f"http://{PROXY}:{FAST}/one.bin"]
+    r = curl(lab, *args)
+    assert r.returncode == 0, r.stderr
+    after = instance_stats("hrs-fast", time.time())
+    spliced = after.get("http.spliced", 0) - before.get("http.spliced", 0)
+    copied = after.get("http.handoff_copied_bytes", 0) - before.get("http.handoff_copied_bytes", 0)
+    assert spliced == n, (before, after)
+    assert after.get("http.splice_skipped_arrived", 0) == before.get("http.splice_skipped_arrived", 0)
+    assert copied / n <= 3 * http.HEAD_RCVBUF + engine.NEXT_MESSAGE_WINDOW, copied / n
