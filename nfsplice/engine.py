@@ -756,6 +756,15 @@ class Engine:
                 f = pair.follow[d] = Follower(limit, seq.add(rcv, -limit.offset))
                 pair.end_seq[d] = f.position()
                 pair.end_final[d] = False
+            if pair.end_seq[d] == rcv and pair.end_final[d]:
+                # Nothing of this direction is left to splice (a response's request), and
+                # its receiver acknowledged everything before the freeze (the drain waits
+                # for both send queues): the end is acknowledged already.  Left to be
+                # seen, it was watched for, and every packet of the other direction (all
+                # carry that acknowledgement) was punted until the engine had read one;
+                # the program then overtook those still in the queue, and the reordering
+                # cost a spurious retransmission of each overtaken 64 KiB segment.
+                pair.end_acked[d] = True
         # Stream offsets for the tap: the receiving proxy socket's rcv_nxt is where the
         # spliced bytes start; the proxy itself moved `copied` bytes before that.
         # A FIN the socket already took occupies one sequence number but no stream byte.
