@@ -54,7 +54,7 @@ PROGRESS = struct.Struct("=QQQI4x")
 _BPF_ANY, _BPF_NOEXIST = 0, 1
 F_FAST, F_END, F_WATCH, F_FLOOR, F_TAP, F_PASS_ACKS, F_C2S, F_LIMIT = 1, 2, 4, 8, 16, 32, 64, 128
 STAT_NAMES = ("fast_packets", "fast_bytes", "queue_marked", "punt.flags", "punt.options",
-              "punt.message_end", "punt.ack_watch", "punt.tsecr_floor", "zero_window_c2s",
+              "punt.message_end", "punt.ack_watch", "tsecr_floored", "zero_window_c2s",
               "punt.shape", "redirect_failed", "tap_records", "punt.tap_full", "handoff_acks_passed",
               "punt.no_progress", "zero_window_s2c", "window_limited")
 TAP_RING_SIZE = 64 << 20          # nfs_tap's max_entries (without clones)
