@@ -226,6 +226,9 @@ class Engine:
         # are listed in fast_ops for the runner, which applies them before any verdict.
         self.fast = False
         self.fast_tap = False     # the program can tap (its records reach tap_payload)
+        # The newest TSval the fast path forwarded for an incoming flow key (None: none,
+        # or no fast path); the runner's, reading the program's counters.
+        self.fast_tsval = None
         self.window_updates = True   # splice() tells the origin the client's window (replay of
                                      # captures made before it did sets this False)
         self.fast_ops: list[Pair] = []
@@ -441,7 +444,15 @@ class Engine:
         # arrived whole could not be spliced (the fast path does the same, F_LIMIT).
         limit = (seq.add(pair.end_seq[o], NEXT_MESSAGE_WINDOW)
                  if pair.resumable and pair.end_seq[o] is not None and pair.end_final[o] else None)
-        w = packet.rewrite(v, tr, csum_partial, limit)
+        # A packet the engine forwards while the program forwards the pair's others
+        # (it waited in the queue since before the flows turned fast, or was punted) may
+        # be older than some of those: its TSval is raised to the newest the program
+        # sent, or the receiver's PAWS drops it (a real loss when it carries data:
+        # ~1 per spliced response under 50 connections, each resent after a dupack).
+        floor = None
+        if isinstance(pair.fast_sig, tuple) and self.fast_tsval is not None and v.doff > 20:
+            floor = self.fast_tsval(v.key())
+        w = packet.rewrite(v, tr, csum_partial, limit, floor)
         if flags & ACK:
             edge = seq.add(v.ack, tr.ack_delta + (w << tr.win_shift_out))
             if pair.win_edge[d] is None or seq.gt(edge, pair.win_edge[d]):
@@ -1047,11 +1058,20 @@ def _window_update(pair: Pair, a: SocketState, b: SocketState, ts_on: bool) -> b
     so no client packet may follow for a while; an origin that had filled B's receive
     window (the proxy stopped reading after the head) would wait for its persist timer,
     200 ms or more, before it learns the window is open again.  The window is the
-    client's as A last saw it, in the scale B announced; TSval one past B's last."""
+    client's as A last saw it, in the scale B announced.  TSval: the client's newest,
+    translated (one past B's last when none is known).  It goes out after the flows turn
+    fast, so a client ACK may reach the origin first; with B's last + 1 this ACK was then
+    older by the milliseconds the client's clock had run since the offset's reference,
+    and PAWS dropped it (the origin then waited for its persist timer)."""
     wnd = max(1, min(a.window[1] >> b.rcv_wscale if a.window else 0xFFFF, 0xFFFF))
     if pair.resumable and pair.end_seq[S2C] is not None and pair.end_final[S2C]:
         wnd = packet.limit_window(wnd, b.rcv_wscale, b.rcv_seq, seq.add(pair.end_seq[S2C], NEXT_MESSAGE_WINDOW))
-    opts = packet.timestamp_option(seq.add(b.ts_now, 1), pair.tsval[S2C] or 0) if ts_on else b""
+    tsval = seq.add(b.ts_now, 1)
+    if pair.tsval[C2S] is not None and not pair.ts_pending[C2S]:
+        tsval = seq.add(pair.tsval[C2S], pair.tr[C2S].tsval_delta)
+        if seq.lt(tsval, seq.add(b.ts_now, 1)):
+            tsval = seq.add(b.ts_now, 1)
+    opts = packet.timestamp_option(tsval, pair.tsval[S2C] or 0) if ts_on else b""
     return packet.build(pair.proxy_b.ip, pair.server.ip, pair.proxy_b.port, pair.server.port,
                         b.snd_seq, b.rcv_seq, ACK, window=wnd, options=opts)
 

@@ -214,10 +214,11 @@ def limit_window(window: int, shift: int, ack: int, limit: int) -> int:
     return max(room >> shift, 1)
 
 
-def rewrite(v: TCPView, tr: Translation, full_checksum: bool, win_limit: int | None = None) -> int:
+def rewrite(v: TCPView, tr: Translation, full_checksum: bool, win_limit: int | None = None,
+            tsval_floor: int | None = None) -> int:
     """Apply TR to the packet in V's buffer, in place, checksums included.  WIN_LIMIT
-    (the receiver's sequence space): the window offered reaches no further.  Returns the
-    window field written."""
+    (the receiver's sequence space): the window offered reaches no further.  TSVAL_FLOOR:
+    a translated TSval below it is raised to it.  Returns the window field written."""
     b = v.buf
     t = v.t                      # always 20: IP options are refused by TCPView
     hdr_end = v.payload_off
@@ -252,7 +253,10 @@ def rewrite(v: TCPView, tr: Translation, full_checksum: bool, win_limit: int | N
             floor = tr.tsecr_floor
             if floor is not None and (tsecr - floor) & 0x80000000:   # seq.lt(tsecr, floor)
                 tsecr = floor
-            _TS.pack_into(b, o + 2, (tsval + tr.tsval_delta) & _MASK32, tsecr)
+            tsval = (tsval + tr.tsval_delta) & _MASK32
+            if tsval_floor is not None and (tsval - tsval_floor) & 0x80000000:   # seq.lt
+                tsval = tsval_floor
+            _TS.pack_into(b, o + 2, tsval, tsecr)
         o = opts.get(OPT_SACK)
         if o is not None and tr.ack_delta and v.flags & ACK:
             for e in range(o + 2, o + b[o + 1], 4):

@@ -311,6 +311,15 @@ class Runner:
                     eng.fast_progress(pair, d, got.packets, got.bytes, got.last_ns / 1e9,
                                       got.next_seq, final=False)
 
+    def fast_tsval(self, key: bytes) -> int | None:
+        """The newest TSval (translated) the program forwarded for incoming flow KEY
+        (engine.fast_tsval; called with the lock held)."""
+        try:
+            got = self.fastpath.get(key)
+        except OSError:
+            return None
+        return got.max_tsval or None if got is not None else None
+
     # -- the proxy's calls ---------------------------------------------------------------
     def register(self, pair: Pair) -> Pair:
         if self.fastpath is not None:

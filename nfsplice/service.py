@@ -314,6 +314,7 @@ def _serve(args, instance: str, listen: str, need: dict[str, str], make_rules, m
     try:
         runner.fastpath = _open_fastpath(args, instance)
         engine.fast = engine.fast_tap = runner.fastpath is not None
+        engine.fast_tsval = runner.fast_tsval if engine.fast else None
         rulesets = make_rules(QUEUE_MARK if engine.fast else None)
         runner.start()
         for ruleset in rulesets:

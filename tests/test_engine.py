@@ -318,23 +318,67 @@ def test_tsvals_learnt_from_the_first_packets_after_the_splice():
     assert valid(out)[TCP].options[2][1] == (3_000_000_009, 9_000)
 
 
-def test_splice_tells_the_origin_the_window_is_open():
-    """The hand-off waited for the client's last ACK, so no client packet may follow
-    soon; an origin that filled B's window must hear at once that the client's window
-    is open, as from socket B (not after its persist timer)."""
+def _registered_with_timestamps(tsval, ts_ref=(None, None)):
+    """An engine and a registered pair whose sockets A (the client's window 3 MiB) and B
+    (window scale 9) use timestamps, for the window update's tests."""
     eng = Engine()
     a = SocketState(snd_seq=1000, rcv_seq=5000, snd_wscale=7, rcv_wscale=7, timestamps=True, ts_now=500,
                     window=(1000, 3 << 20, 3 << 20, 65535, 5000))
     b = SocketState(snd_seq=90000, rcv_seq=70000, snd_wscale=7, rcv_wscale=9, timestamps=True, ts_now=9000)
     pair = eng.register(Pair(Endpoint(CLIENT, 40000), Endpoint(PA, 8080), Endpoint(PB, 61000),
                              Endpoint(SERVER, 8000)), now=0.0)
-    pair.tsval = [111, 222]
+    pair.tsval, pair.ts_ref = list(tsval), list(ts_ref)
+    return eng, pair, a, b
+
+
+def test_splice_tells_the_origin_the_window_is_open():
+    """The hand-off waited for the client's last ACK, so no client packet may follow
+    soon; an origin that filled B's window must hear at once that the client's window
+    is open, as from socket B (not after its persist timer)."""
+    eng, pair, a, b = _registered_with_timestamps([111, 222])
     eng.splice(pair, a, b)
     (wu,) = [valid(p) for p in eng.injected]
     assert (wu.src, wu.dst, wu[TCP].sport, wu[TCP].dport) == ("198.18.2.1", "198.18.2.2", 61000, 8000)
     assert (wu[TCP].seq, wu[TCP].ack, wu[TCP].flags) == (90000, 70000, 0x10)
     assert wu[TCP].window == (3 << 20) >> 9                     # the client's, in B's scale
     assert dict(wu[TCP].options)["Timestamp"] == (9001, 222)
+
+
+def test_window_update_is_not_older_than_the_clients_acks():
+    """The window update leaves after the flows turn fast, so a client ACK may reach the
+    origin first.  Its TSval is the client's newest translated: with B's last + 1 it was
+    older than such an ACK by as much as the client's clock ran since the offset's
+    reference (the first held packet), and the origin's PAWS dropped it."""
+    eng, pair, a, b = _registered_with_timestamps([111, 222], [100, None])   # one held from 11 ms before
+    eng.splice(pair, a, b)
+    (wu,) = [valid(p) for p in eng.injected]
+    assert dict(wu[TCP].options)["Timestamp"] == (9012, 222)
+    _d, out = run(eng, P.build(CLIENT, PA, 40000, 8080, 5000, 1000, P.ACK, options=P.timestamp_option(112, 400)))
+    assert valid(out)[TCP].options[2][1][0] == 9013            # the next client ACK: newer still
+
+
+def test_late_packet_of_a_fast_pair_is_not_older_than_the_programs():
+    """A packet the engine forwards while the program forwards the pair (it waited in
+    the queue since before the flows turned fast) leaves with a TSval no older than the
+    newest the program sent for that flow (engine.fast_tsval): PAWS dropped it, a real
+    loss for data."""
+    eng = Engine()
+    eng.fast = True
+    asked = []
+    eng.fast_tsval = lambda key: asked.append(key) or 50_000
+    pair = new_pair(eng, limits=(None, None))
+    tr = pair.tr[S2C]
+    assert isinstance(pair.fast_sig, tuple)
+    late = P.build(SERVER, PB, 8000, 61000, 70000, 90000, P.ACK, options=P.timestamp_option(40, 7),
+                   payload=b"d" * 100)
+    out = valid(run(eng, late)[1])
+    assert out[TCP].options[2][1][0] == 50_000 and bytes(out[TCP].payload) == b"d" * 100
+    assert asked == [late[12:24]]
+    newer = P.build(SERVER, PB, 8000, 61000, 70100, 90000, P.ACK,
+                    options=P.timestamp_option((60_000 - tr.tsval_delta) & 0xFFFFFFFF, 7))
+    assert valid(run(eng, newer)[1])[TCP].options[2][1][0] == 60_000        # newer: as translated
+    eng.fast_tsval = None
+    assert valid(run(eng, late)[1])[TCP].options[2][1][0] == (40 + tr.tsval_delta) & 0xFFFFFFFF
 
 
 def test_next_request_on_the_last_ack_is_kept_for_the_resume():

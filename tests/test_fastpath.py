@@ -291,6 +291,21 @@ def test_tsecr_below_the_floor_is_raised_by_the_program(fp):
         fp.take(key)
 
 
+def test_progress_keeps_the_newest_tsval_forwarded(fp):
+    """The engine raises the TSval of a late packet to the newest the program sent for
+    the same flow (PAWS), read from the flow's counters."""
+    tr = Translation(SOURCE, ORIGIN, 61000, 80, seq_delta=5, ack_delta=7, tsval_delta=1000, tsecr_delta=0)
+    key = None
+    for tsval, want in ((500, 1500), (700, 1700), (650, 1700)):       # a late one does not lower it
+        pkt = packet.build(CLIENT, LISTEN, 40009, 8080, 100, 200, ACK, options=packet.timestamp_option(tsval, 1))
+        key = bytes(pkt[12:24])
+        if tsval == 500:
+            fp.put(key, fastpath.flow_value(tr, end_seq=None, ack_watch=None, ifindex=0))
+        fp.test_run(ETH + bytes(pkt))
+        assert fp.get(key).max_tsval == want
+    fp.take(key)
+
+
 def test_zero_windows_go_fast_and_are_counted_per_direction(fp):
     """A receiver that stops reading advertises a zero window, often many times per
     transfer under load: forwarded (still zero after the scale conversion) and counted

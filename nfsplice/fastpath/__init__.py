@@ -49,8 +49,8 @@ SOURCE = os.path.join(os.path.dirname(__file__), "fastpath.bpf.c")
 
 # struct flow in fastpath.bpf.c (56 bytes); addresses and ports in network order.
 FLOW = struct.Struct("=4s4s2s2sIIIIIIIIIBBBBI")
-# struct progress (32 bytes): packets, bytes, last_ns, next_seq.
-PROGRESS = struct.Struct("=QQQI4x")
+# struct progress (32 bytes): packets, bytes, last_ns, next_seq, max_tsval.
+PROGRESS = struct.Struct("=QQQII")
 _BPF_ANY, _BPF_NOEXIST = 0, 1
 F_FAST, F_END, F_WATCH, F_FLOOR, F_TAP, F_PASS_ACKS, F_C2S, F_LIMIT = 1, 2, 4, 8, 16, 32, 64, 128
 STAT_NAMES = ("fast_packets", "fast_bytes", "queue_marked", "punt.flags", "punt.options",
@@ -96,6 +96,7 @@ class Progress:
     bytes: int
     last_ns: int          # CLOCK_MONOTONIC, as time.monotonic() * 1e9
     next_seq: int         # highest seq + len forwarded (meaningful when packets > 0)
+    max_tsval: int = 0    # highest TSval forwarded, translated (0: none)
 
 
 def _bpf(cmd: int, attr: bytes) -> int:
@@ -546,7 +547,7 @@ def flow_value(tr, *, end_seq: int | None, ack_watch: int | None, ifindex: int, 
                      ifindex, mark, tr.win_shift_in, tr.win_shift_out, flags, 0, 0)
 
 
-_NO_PROGRESS = PROGRESS.pack(0, 0, 0, 0)
+_NO_PROGRESS = PROGRESS.pack(0, 0, 0, 0, 0)
 
 
 def _ncpus() -> int:

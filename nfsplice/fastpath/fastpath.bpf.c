@@ -81,7 +81,7 @@ struct flow {
 struct progress {
 	__u64 packets, bytes, last_ns;
 	__u32 next_seq;         /* highest seq + len forwarded (valid once packets > 0) */
-	__u32 pad;
+	__u32 max_tsval;        /* highest TSval forwarded, translated (0: none yet) */
 };
 
 enum {
@@ -367,6 +367,13 @@ int nfsplice_fast(struct __sk_buff *skb)
 	pg->last_ns = bpf_ktime_get_ns();
 	if (pg->packets == 1 || (__s32)(nxt - pg->next_seq) > 0)
 		pg->next_seq = nxt;
+	if (has_ts) {
+		/* The engine forwards what reaches it late (queued before this flow turned
+		 * fast, or punted) with a TSval no older than this: PAWS drops older ones. */
+		__u32 tv = bpf_ntohl(new[4]);
+		if (!pg->max_tsval || (__s32)(tv - pg->max_tsval) > 0)
+			pg->max_tsval = tv;
+	}
 
 	__s64 d_addr = bpf_csum_diff(old_addr, 8, new_addr, 8, 0);
 	__s64 d_tcp = bpf_csum_diff(old, sizeof(old), new, sizeof(new), 0);
