@@ -39,6 +39,11 @@ from .queue.base import HOOK_LOCAL_OUT
 C2S, S2C = 0, 1
 INJECT_MARK = 0x6E730001   # skb mark of the pure ACKs the engine injects ("ns" 1)
 QUEUE_MARK = 0x6E730002    # packets of pairs the engine handles, when only those are queued
+# A copy the fast path queues of an ACK it forwards itself (the one reaching a resumable
+# pair's message end): the engine learns from it and drops it.  The rules match both
+# marks (QUEUE_MARK_MASK).
+WATCH_COPY_MARK = QUEUE_MARK | 1
+QUEUE_MARK_MASK = 0xFFFFFFFE
 DIRECTION_NAMES = ("c2s", "s2c")
 _TS = struct.Struct("!II")
 _PKT_NAMES = ("packets.c2s", "packets.s2c")
@@ -279,6 +284,9 @@ class Engine:
                 c["proxy_socket.handoff_out"] += 1    # (the drain's; with the fast path unmarked)
             return Decision.ACCEPT
         ent = self.flows.get(key)
+        if ent is None and mark == WATCH_COPY_MARK:
+            c["watch_copies.late"] += 1      # (the pair is gone: the original went on)
+            return Decision.DROP
         if ent is None:
             if v.flags & SYN and not v.flags & ACK and key[4:8] + key[10:12] in self.listeners:
                 self._prepair(key, v, now)
@@ -288,6 +296,8 @@ class Engine:
                 self._note_handshake(key, v, now)
             return Decision.ACCEPT
         pair, d = ent
+        if mark == WATCH_COPY_MARK:
+            return self._watch_copy(pair, d, v, csum_partial, now)
         if mark == INJECT_MARK:
             # One of our own pure ACKs coming back: for the proxy socket while the pair
             # is being handed off, nobody's once it is spliced.
@@ -338,6 +348,23 @@ class Engine:
         if broken:     # after the bytes before the bad framing, never ahead of them
             self._reset_both(pair, "chunked_malformed")
         return decision
+
+    def _watch_copy(self, pair: Pair, d: int, v: TCPView, csum_partial: bool, now) -> Decision:
+        """The fast path's copy of a pure ACK it forwarded itself, one reaching the
+        message end of a pair that resumes (fastpath.bpf.c, WATCH_COPY_MARK): learnt
+        from as if forwarded here (the message is done, the window edge), then dropped."""
+        self.counters["watch_copies"] += 1
+        if pair.state != State.SPLICED or pair.resuming:
+            self.counters["watch_copies.late"] += 1
+            return Decision.DROP
+        pair.last_seen = self.clock() if now is None else now
+        try:
+            self._forward(pair, d, v, csum_partial)
+        except Malformed as e:
+            self.counters["malformed." + e.reason] += 1
+        if self.fast:
+            self._fast_check(pair)
+        return Decision.DROP
 
     def _handoff(self, pair: Pair, d: int, v: TCPView, buf, csum_partial: bool, handle) -> Decision:
         """A packet of a pair whose sockets still belong to the proxy application.
@@ -907,6 +934,13 @@ class Engine:
                 edge = pair.win_edge[d]
                 if edge is not None and seq.gt(edge, top):
                     top = edge
+                o = 1 - d
+                if pair.resumable and pair.end_seq[o] is not None and pair.end_final[o]:
+                    # As far as the limit reaches: the program offered up to it in
+                    # ACKs whose copies came too late to be counted (watch copies).
+                    cap = seq.add(pair.end_seq[o], NEXT_MESSAGE_WINDOW)
+                    if seq.gt(cap, top):
+                        top = cap
                 w = (w[0], w[1], w[2], max(0, seq.diff(top, rcv_seq)), w[4])
             win.append(w)
         a2 = SocketState(seq.add(rcv[S2C], pair.tr[S2C].seq_delta), rcv[C2S], a.snd_wscale, a.rcv_wscale,

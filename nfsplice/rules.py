@@ -14,6 +14,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from .engine import QUEUE_MARK_MASK
+
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "iptables")
 CHAIN_PREFIX = "NFSPLICE-"
 
@@ -89,7 +91,8 @@ def tcp_rules(instance: str, *, listen_ip: str, listen_port: int, upstream_ip: s
                        ports=f"{ports[0]}:{ports[1]}",
                        queue=f"--queue-num {queue}" if queues == 1 else f"--queue-balance {queue}:{queue + queues - 1}",
                        bypass=" --queue-bypass" if bypass else "",
-                       only_marked=f"-m mark --mark {only_mark:#x} " if only_mark is not None else "")
+                       only_marked=(f"-m mark --mark {only_mark:#x}/{QUEUE_MARK_MASK:#x} "
+                                    if only_mark is not None else ""))
     return RuleSet(instance, chain, comment, text)
 
 

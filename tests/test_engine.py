@@ -9,7 +9,7 @@ import struct
 from scapy.all import IP, TCP
 
 from nfsplice import packet as P
-from nfsplice.engine import S2C, Decision, Endpoint, Engine, Pair, SocketState, State
+from nfsplice.engine import S2C, WATCH_COPY_MARK, Decision, Endpoint, Engine, Pair, SocketState, State
 from nfsplice.queue.base import HOOK_LOCAL_OUT
 
 CLIENT, PA, PB, SERVER = (bytes([198, 18, 1, 2]), bytes([198, 18, 1, 1]),
@@ -379,6 +379,26 @@ def test_late_packet_of_a_fast_pair_is_not_older_than_the_programs():
     assert valid(run(eng, newer)[1])[TCP].options[2][1][0] == 60_000        # newer: as translated
     eng.fast_tsval = None
     assert valid(run(eng, late)[1])[TCP].options[2][1][0] == (40 + tr.tsval_delta) & 0xFFFFFFFF
+
+
+def test_a_copy_of_the_last_ack_ends_the_message_and_is_dropped():
+    """With the fast path the client's ACK of the body's end goes on in the program,
+    and the engine gets a copy (WATCH_COPY_MARK): the message is done (the proxy
+    resumes), nothing is sent again, and a copy for a pair gone or resuming is dropped."""
+    eng = Engine()
+    eng.fast = True
+    pair = new_pair(eng, limits=(0, 100), resume=True)
+    run(eng, from_server(70000, 90000, payload=b"m" * 100))
+    ack = from_client(5000, 1100)
+    d, _ = run(eng, ack, mark=WATCH_COPY_MARK)
+    assert d == Decision.DROP and pair.resuming and eng.resumable == [pair]
+    assert eng.counters["watch_copies"] == 1
+    d, _ = run(eng, ack, mark=WATCH_COPY_MARK)                  # another, while resuming
+    assert d == Decision.DROP and not pair.held and eng.counters["watch_copies.late"] == 1
+    eng.resume_numbers(pair)
+    eng.finish_resume(pair)
+    d, _ = run(eng, ack, mark=WATCH_COPY_MARK)                  # the pair is gone
+    assert d == Decision.DROP and eng.counters["watch_copies.late"] == 2
 
 
 def test_next_request_on_the_last_ack_is_kept_for_the_resume():

@@ -19,11 +19,12 @@ B = SocketState(snd_seq=90000, rcv_seq=70000, snd_wscale=7, rcv_wscale=7,
                 window=(70000, 64000, 64000, 65535, 70000))
 
 
-def resumed(client_window: int, server_window: int = 10, out: list | None = None) -> tuple[SocketState, SocketState]:
+def resumed(client_window: int, server_window: int = 10, out: list | None = None,
+            b: SocketState = B) -> tuple[SocketState, SocketState]:
     eng = Engine()
     pair = eng.register(Pair(Endpoint(CLIENT, 40000), Endpoint(PA, 8080), Endpoint(PB, 61000),
                              Endpoint(SERVER, 8000)), now=0.0)
-    eng.splice(pair, A, B, limits=(0, 100), resume=True)
+    eng.splice(pair, A, b, limits=(0, 100), resume=True)
     _, got = run(eng, P.build(SERVER, PB, 8000, 61000, 70000, 90000, P.ACK, window=server_window,
                               payload=b"m" * 100))
     buf = bytearray(P.build(CLIENT, PA, 40000, 8080, 5000, 1100, P.ACK, window=client_window))
@@ -43,15 +44,27 @@ def test_client_window_past_the_message_end_is_cut_to_the_next_message_window():
     assert out[1].window == NEXT_MESSAGE_WINDOW >> 7                 # the ACK as forwarded
     assert b2.rcv_seq == 70100
     assert b2.window[3] == NEXT_MESSAGE_WINDOW and b2.window[:3] == B.window[:3]
-    assert a2.window == A.window          # the origin offered less than A's own: kept
+    # The origin offered the client less than A's own edge and the limit: the limit,
+    # as far as the program may have offered in ACKs the engine never saw.
+    assert a2.window[3] == NEXT_MESSAGE_WINDOW and a2.window[:3] == A.window[:3]
 
 
 def test_rebuilt_socket_reaches_as_far_as_its_frozen_socket_had_offered():
-    """B had offered up to 70000 + 65535; the body took 100 of that, and the client
+    """B had offered up to 70000 + 200000; the body took 100 of that, and the client
     offered less (100 << 7) past the end: B's own edge stands, counted from where B
     offered it (not from the message end, which let a whole next body in)."""
+    big = SocketState(snd_seq=90000, rcv_seq=70000, snd_wscale=7, rcv_wscale=7,
+                      window=(70000, 64000, 64000, 200000, 70000))
+    a2, b2 = resumed(client_window=100, b=big)
+    assert b2.window[3] == 70000 + 200000 - 70100 and b2.window[:3] == big.window[:3]
+
+
+def test_rebuilt_socket_reaches_the_next_message_window_at_least():
+    """The frozen socket's edge and the ACKs the engine saw fall short of the limit, but
+    the program may have forwarded ACKs offering up to it (their copies came late):
+    the rebuilt socket reaches as far."""
     a2, b2 = resumed(client_window=100)
-    assert b2.window[3] == 70000 + 65535 - 70100 and b2.window[:3] == B.window[:3]
+    assert b2.window[3] == NEXT_MESSAGE_WINDOW
 
 
 def test_rebuilt_client_socket_keeps_the_origins_window():

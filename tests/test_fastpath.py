@@ -90,7 +90,7 @@ def _layout_known(pkt: bytearray, doff: int) -> bool:
             and 8 <= len(o) - 4 <= 32)
 
 
-def expect_fast(pkt: bytearray, tr: Translation, end, watch) -> bool:
+def expect_fast(pkt: bytearray, tr: Translation, end, watch, limit: bool = False) -> bool:
     """The program's rule (fastpath.bpf.c), restated: may this packet go fast?"""
     v = TCPView(memoryview(pkt))
     if v.flags & (SYN | FIN | RST | URG) or not v.flags & ACK:
@@ -99,8 +99,8 @@ def expect_fast(pkt: bytearray, tr: Translation, end, watch) -> bool:
         return False
     if end is not None and seq.gt(seq.add(v.seq, v.payload_len), end):
         return False
-    if watch is not None and seq.ge(seq.add(v.ack, tr.ack_delta), watch):
-        return False
+    if watch is not None and seq.ge(seq.add(v.ack, tr.ack_delta), watch) and (v.payload_len or not limit):
+        return False         # (a resuming pair's pure ACK goes on, and a copy to the queue)
     return True     # (a TSecr below the floor is raised to it, as packet.rewrite does)
 
 
@@ -115,7 +115,7 @@ def test_program_rewrites_exactly_like_the_engine(fp, tr, pkt, end, watch, limit
     went_fast = _fast_packets(fp) - before == 1
     assert rv == fastpath.TC_ACT_OK
     assert out[:14] == ETH
-    want = expect_fast(pkt, tr, end, watch)
+    want = expect_fast(pkt, tr, end, watch, limit)
     assert went_fast == want, (want, pkt.hex())
     if want:
         ref = bytearray(pkt)
@@ -304,6 +304,34 @@ def test_progress_keeps_the_newest_tsval_forwarded(fp):
         fp.test_run(ETH + bytes(pkt))
         assert fp.get(key).max_tsval == want
     fp.take(key)
+
+
+def test_ack_reaching_a_resuming_message_end_goes_on_and_a_copy_to_the_queue(fp):
+    """The client's ACK of a resumable pair's body end: the origin needs it at once (its
+    last segment's retransmission timer runs while the queue is behind), the engine
+    needs to see it.  The program forwards it and clones a copy marked WATCH_COPY_MARK
+    into the device's ingress, for the rules to queue.  Data past the watch, or a pair
+    that does not resume, is punted as before."""
+    tr = Translation(SOURCE, ORIGIN, 61000, 80, seq_delta=5, ack_delta=7, win_shift_in=7, win_shift_out=7)
+    watch = 500_000
+    for limited, payload, fast in ((True, b"", True), (True, b"GET /", False), (False, b"", False)):
+        pkt = packet.build(CLIENT, LISTEN, 40010, 8080, 100, watch - 7, ACK, window=4000, payload=payload)
+        key = bytes(pkt[12:24])
+        fp.put(key, fastpath.flow_value(tr, end_seq=None, ack_watch=watch, ifindex=0, win_limit=limited))
+        before = fp.counters()
+        rv, out = fp.test_run(ETH + bytes(pkt))
+        after = fp.counters()
+        went = after["fastpath.fast_packets"] - before.get("fastpath.fast_packets", 0)
+        copied = after.get("fastpath.watch_copies", 0) - before.get("fastpath.watch_copies", 0)
+        assert (went, copied) == ((1, 1) if fast else (0, 0)), (limited, payload)
+        if fast:
+            ref = bytearray(pkt)
+            packet.rewrite(TCPView(memoryview(ref)), tr, False, seq.add(watch, NEXT_MESSAGE_WINDOW))
+            assert out[14:] == bytes(ref)
+            assert struct.unpack_from("!H", out, 14 + 34)[0] == NEXT_MESSAGE_WINDOW >> 7
+        else:
+            assert out[14:] == bytes(pkt)
+        fp.take(key)
 
 
 def test_zero_windows_go_fast_and_are_counted_per_direction(fp):

@@ -56,7 +56,7 @@ F_FAST, F_END, F_WATCH, F_FLOOR, F_TAP, F_PASS_ACKS, F_C2S, F_LIMIT = 1, 2, 4, 8
 STAT_NAMES = ("fast_packets", "fast_bytes", "queue_marked", "punt.flags", "punt.options",
               "punt.message_end", "punt.ack_watch", "tsecr_floored", "zero_window_c2s",
               "punt.shape", "redirect_failed", "tap_records", "punt.tap_full", "handoff_acks_passed",
-              "punt.no_progress", "zero_window_s2c", "window_limited")
+              "punt.no_progress", "zero_window_s2c", "window_limited", "watch_copies")
 TAP_RING_SIZE = 64 << 20          # nfs_tap's max_entries (without clones)
 TAP_DEV_PREFIX = "nfst"           # the clone tap's veth pair: nfst<pref>, nfst<pref>p
 TAP_RCVBUF = 512 << 20            # SO_RCVBUFFORCE of the clone socket (the kernel doubles it)
@@ -173,8 +173,8 @@ def compile_program(out_dir: str, tap_clone_ifindex: int = 0) -> str:
     """The program in OUT_DIR; with TAP_CLONE_IFINDEX it taps by cloning to that device."""
     obj = os.path.join(out_dir, "fastpath.bpf.o")
     arch_inc = f"/usr/include/{os.uname().machine}-linux-gnu"
-    from ..engine import NEXT_MESSAGE_WINDOW
-    defines = [f"-DNEXT_MESSAGE_WINDOW={NEXT_MESSAGE_WINDOW}"]
+    from ..engine import NEXT_MESSAGE_WINDOW, WATCH_COPY_MARK
+    defines = [f"-DNEXT_MESSAGE_WINDOW={NEXT_MESSAGE_WINDOW}", f"-DWATCH_COPY_MARK={WATCH_COPY_MARK:#x}"]
     if tap_clone_ifindex:
         defines.append(f"-DTAP_CLONE_IFINDEX={tap_clone_ifindex}")
     r = _run(["clang", "-O2", "-g", "-target", "bpf", "-I", arch_inc, *defines, "-c", SOURCE, "-o", obj])

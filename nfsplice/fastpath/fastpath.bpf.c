@@ -51,6 +51,9 @@
 #define F_PASS_ACKS 32  /* not fast: pure ACKs pass unmarked (a hand-off) */
 #define F_C2S   64   /* the client's direction (which zero-window counter) */
 #define F_LIMIT 128  /* a pair that resumes: no window offered past ack_watch + NEXT_MESSAGE_WINDOW */
+#ifndef WATCH_COPY_MARK
+#define WATCH_COPY_MARK 0x6E730003  /* engine.WATCH_COPY_MARK: the rules queue it like QUEUE_MARK */
+#endif
 #ifndef NEXT_MESSAGE_WINDOW
 #define NEXT_MESSAGE_WINDOW 65536   /* the engine passes its own (engine.NEXT_MESSAGE_WINDOW) */
 #endif
@@ -88,6 +91,7 @@ enum {
 	S_FAST_PACKETS, S_FAST_BYTES, S_QUEUE_MARKED,
 	P_FLAGS, P_OPTIONS, P_END, P_WATCH, S_TSECR_FLOORED, S_ZERO_WINDOW_C2S, P_SHAPE, P_REDIRECT,
 	S_TAP_RECORDS, P_TAP_FULL, S_PASSED_ACKS, P_NO_PROGRESS, S_ZERO_WINDOW_S2C, S_WINDOW_LIMITED,
+	S_WATCH_COPIES,
 	S_MAX
 };
 
@@ -152,10 +156,18 @@ static __always_inline void count(__u32 what, __u64 n)
 		*v += n;
 }
 
+/* skb->mark through the context pointer itself: the verifier refuses a store through
+ * a pointer computed from it, which the compiler makes when several stores share one. */
+static __always_inline void set_mark(struct __sk_buff *skb, __u32 mark)
+{
+	asm volatile("" : "+r"(skb));
+	skb->mark = mark;
+}
+
 static __always_inline int punt(struct __sk_buff *skb, struct flow *f, __u32 why)
 {
 	count(why, 1);
-	skb->mark = f->mark;
+	set_mark(skb, f->mark);
 	return TC_ACT_OK;
 }
 
@@ -175,6 +187,8 @@ int nfsplice_fast(struct __sk_buff *skb)
 
 	if (skb->protocol != bpf_htons(ETH_P_IP))
 		return TC_ACT_UNSPEC;
+	if (skb->mark == WATCH_COPY_MARK)
+		return TC_ACT_OK;        /* our own copy of a watched ACK (below): to the queue */
 	__u32 want = skb->len < TCP_OFF + 60 ? skb->len : TCP_OFF + 60;
 	if (data + want > data_end) {
 		/* Headers not all in the linear part: pull them in. */
@@ -212,7 +226,7 @@ int nfsplice_fast(struct __sk_buff *skb)
 			return TC_ACT_UNSPEC;
 		}
 		count(S_QUEUE_MARKED, 1);
-		skb->mark = f->mark;
+		set_mark(skb, f->mark);
 		return TC_ACT_OK;
 	}
 	if (ip->frag_off & bpf_htons(0x3fff) || ip->tot_len == 0)
@@ -265,8 +279,28 @@ int nfsplice_fast(struct __sk_buff *skb)
 	if ((f->flags & F_END) && (__s32)(nxt - f->end_seq) > 0)
 		return punt(skb, f, P_END);
 	__u32 ack = bpf_ntohl(th->ack_seq) + f->ack_delta;
-	if ((f->flags & F_WATCH) && (__s32)(ack - f->ack_watch) >= 0)
-		return punt(skb, f, P_WATCH);
+	if ((f->flags & F_WATCH) && (__s32)(ack - f->ack_watch) >= 0) {
+		if (plen || !(f->flags & F_LIMIT))
+			return punt(skb, f, P_WATCH);
+		/* A pure ACK reaching the watched message end of a pair that resumes: the
+		 * sender needs it now (under load the queue ran long enough behind for its
+		 * retransmission timer to fire, about every other response), the engine needs
+		 * to see it (the message is done).  A copy goes to the queue (the engine
+		 * reads it and drops it), this one goes on. */
+		set_mark(skb, WATCH_COPY_MARK);
+		long r = bpf_clone_redirect(skb, skb->ifindex, BPF_F_INGRESS);
+		set_mark(skb, 0);
+		if (r)
+			return punt(skb, f, P_WATCH);
+		count(S_WATCH_COPIES, 1);
+		data = (void *)(long)skb->data;      /* (the helper may have moved the packet) */
+		data_end = (void *)(long)skb->data_end;
+		if (data + TCP_OFF + 20 > data_end || (has_ts && data + TCP_OFF + 32 > data_end))
+			return punt(skb, f, P_SHAPE);
+		ip = data + IP_OFF;
+		th = data + TCP_OFF;
+		tcpb = (__u8 *)th;
+	}
 	__u16 win = bpf_ntohs(th->window);   /* zero: forwarded zero, and counted below */
 
 	/* The TCP header words that change (ports, seq, ack, doff/flags/window, TSval,
