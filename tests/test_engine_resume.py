@@ -20,8 +20,9 @@ B = SocketState(snd_seq=90000, rcv_seq=70000, snd_wscale=7, rcv_wscale=7,
 
 
 def resumed(client_window: int, server_window: int = 10, out: list | None = None,
-            b: SocketState = B) -> tuple[SocketState, SocketState]:
+            b: SocketState = B, fast: bool = True) -> tuple[SocketState, SocketState]:
     eng = Engine()
+    eng.fast = fast        # (the limit is the fast path's; its flows are not looked at here)
     pair = eng.register(Pair(Endpoint(CLIENT, 40000), Endpoint(PA, 8080), Endpoint(PB, 61000),
                              Endpoint(SERVER, 8000)), now=0.0)
     eng.splice(pair, A, b, limits=(0, 100), resume=True)
@@ -90,6 +91,7 @@ def test_window_update_at_the_splice_is_cut_too():
     """The origin learns the client's window at the splice (an injected pure ACK): for a
     pair that resumes, no further than the body's end + NEXT_MESSAGE_WINDOW."""
     eng = Engine()
+    eng.fast = True
     pair = eng.register(Pair(Endpoint(CLIENT, 40000), Endpoint(PA, 8080), Endpoint(PB, 61000),
                              Endpoint(SERVER, 8000)), now=0.0)
     big = SocketState(snd_seq=1000, rcv_seq=5000, snd_wscale=7, rcv_wscale=7,
@@ -98,3 +100,12 @@ def test_window_update_at_the_splice_is_cut_too():
     wu = P.TCPView(bytearray(eng.injected[-1]))
     assert (wu.ack, wu.window) == (70000, (100 + NEXT_MESSAGE_WINDOW) >> 7)
     assert pair.win_edge[0] == 70000 + ((100 + NEXT_MESSAGE_WINDOW) >> 7 << 7)
+
+
+def test_without_the_fast_path_nothing_is_cut():
+    """Without the fast path a splice costs more than the proxy's copy of a body that
+    arrived whole: the window passes whole, and the rebuilt socket offers what was offered."""
+    out = []
+    a2, b2 = resumed(client_window=2000, out=out, fast=False)
+    assert out[1].window == 2000
+    assert b2.window[3] == 2000 << 7

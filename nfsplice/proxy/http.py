@@ -375,7 +375,12 @@ class HTTPProxy:
         # itself with Surrogate-Capability and obeys Surrogate-Control meant for it.
         self.surrogate = settings.via.split(":")[0] if cache is not None and self.upstreams else None
         self.waiters: dict[int, threading.Event] = {}
-        self._head_window = runner is not None and settings.splice     # see HEAD_RCVBUF
+
+    @property
+    def _head_window(self) -> bool:
+        """Read heads with HEAD_RCVBUF: splicing with the fast path (without it a splice
+        costs more than copying what arrived meanwhile)."""
+        return self.runner is not None and self.s.splice and self.runner.fastpath is not None
 
     # -- listening -------------------------------------------------------------------------
     def open(self) -> None:
