@@ -1,6 +1,6 @@
 """HTTP benchmark in the lab: wrk and curl through nfsplice http, haproxy and nginx.
 
-    python -m netns_lab.bench_http [--sizes 1KiB,64KiB,1MiB] [--duration 5] [--connections 50]
+    python -m netns_lab.bench_http [--sizes 1KiB,64KiB,1MiB,4MiB] [--duration 5] [--connections 50]
         [--threads 2] [--big 1GiB] [--rounds 3]
         [--peers origin,nfsplice,nfsplice-copy,haproxy,nginx]
         [--out netns_lab/results-http] [--prefix bh]
@@ -55,7 +55,7 @@ PEER_DIR = Path(__file__).resolve().parent / "peers"
 LISTEN = (PROXY_CLIENT_ADDR, 8080)
 ORIGIN = (ORIGIN_ADDR, NGINX_PORT)
 DEFAULT_PEERS = "origin,nfsplice,nfsplice-copy,haproxy,nginx"
-DEFAULT_SIZES = "1KiB,64KiB,1MiB"
+DEFAULT_SIZES = "1KiB,64KiB,1MiB,4MiB"
 STATS_DIR = Path("/run/nfsplice")          # where `nfsplice` writes its counters (nfsplice.runner)
 
 CLOSE_NOTE = ("nfsplice keeps both connections after a spliced response by rebuilding its sockets "

@@ -827,7 +827,7 @@ class Engine:
                 and not pair.ts_pending[S2C]:
             # (With the origin's TSval unknown, its answer would go through the queue
             # until the engine learnt it; a burst there costs more than the stall.)
-            wu = _window_update(pair, a, b, ts_on, newest=self.fast)
+            wu = _window_update(pair, a, b, ts_on, fast=self.fast)
             self.injected.append(wu)
             self.counters["injected.window_update"] += 1
             edge = seq.add(b.rcv_seq, TCPView(wu).window << b.rcv_wscale)
@@ -1088,26 +1088,27 @@ def _whole(buf, v: TCPView, csum_partial: bool) -> bytearray:
     return out
 
 
-def _window_update(pair: Pair, a: SocketState, b: SocketState, ts_on: bool, newest: bool = True) -> bytearray:
+def _window_update(pair: Pair, a: SocketState, b: SocketState, ts_on: bool, fast: bool = True) -> bytearray:
     """A pure ACK to the origin, as from socket B, announcing the client's window.
 
     The hand-off waited until the client had acknowledged everything socket A sent it,
     so no client packet may follow for a while; an origin that had filled B's receive
     window (the proxy stopped reading after the head) would wait for its persist timer,
     200 ms or more, before it learns the window is open again.  The window is the
-    client's as A last saw it, in the scale B announced.  TSval one past B's last (the
+    client's as A last saw it, in the scale B announced, and with FAST (the fast path is
+    on) cut at the message end + NEXT_MESSAGE_WINDOW.  TSval one past B's last (the
     translation of the offset's reference, the oldest client packet the engine will
-    translate), or with NEWEST (the fast path) the client's newest, translated: the
+    translate), or with FAST the client's newest, translated: the
     update goes out after the flows turn fast, so a client ACK the program forwards may
     reach the origin first, and with B's last + 1 the update was then older by the
     milliseconds the client's clock had run since the reference and PAWS dropped it.
     Without the fast path every client packet goes through the engine, some still
     queued behind the newest it knows: an update that new made PAWS drop those."""
     wnd = max(1, min(a.window[1] >> b.rcv_wscale if a.window else 0xFFFF, 0xFFFF))
-    if newest and pair.resumable and pair.end_seq[S2C] is not None and pair.end_final[S2C]:
+    if fast and pair.resumable and pair.end_seq[S2C] is not None and pair.end_final[S2C]:
         wnd = packet.limit_window(wnd, b.rcv_wscale, b.rcv_seq, seq.add(pair.end_seq[S2C], NEXT_MESSAGE_WINDOW))
     tsval = seq.add(b.ts_now, 1)
-    if newest and pair.tsval[C2S] is not None and not pair.ts_pending[C2S]:
+    if fast and pair.tsval[C2S] is not None and not pair.ts_pending[C2S]:
         tsval = seq.add(pair.tsval[C2S], pair.tr[C2S].tsval_delta)
         if seq.lt(tsval, seq.add(b.ts_now, 1)):
             tsval = seq.add(b.ts_now, 1)
