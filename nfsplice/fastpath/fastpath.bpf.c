@@ -323,8 +323,10 @@ int nfsplice_fast(struct __sk_buff *skb)
 	if ((f->flags & F_LIMIT) && w) {
 		/* A pair that resumes: what the sender sends past the other direction's
 		 * message end waits in the proxy's rebuilt socket, so it is offered no more
-		 * than NEXT_MESSAGE_WINDOW there (engine._forward does the same).  ack is
-		 * short of ack_watch here (else punted above): room > NEXT_MESSAGE_WINDOW. */
+		 * than NEXT_MESSAGE_WINDOW there (engine._forward does the same).  ack is at
+		 * most ack_watch here (an ACK reaching it went on above, and nothing past the
+		 * message end was forwarded to be acknowledged): 0 <= room, and room is taken
+		 * unsigned, as packet.limit_window takes it. */
 		__u32 room = f->ack_watch + NEXT_MESSAGE_WINDOW - ack;
 		if ((w << (f->win_out & 15)) > room) {
 			w = room >> (f->win_out & 15);
