@@ -465,15 +465,7 @@ class Engine:
                     self._closing(pair)
         if not v.window and not flags & (SYN | RST):
             self.counters[_ZERO_WINDOW_NAMES[d]] += 1
-        # A pair that resumes offers no window past the other direction's message end
-        # plus NEXT_MESSAGE_WINDOW: what its sender sends beyond the end waits in the
-        # proxy's rebuilt socket until the proxy reads a head, so a next body that
-        # arrived whole could not be spliced (the fast path does the same, F_LIMIT).
-        # Only with the fast path: without it a splice costs more than the proxy's copy
-        # of a body that did arrive whole.
-        limit = (seq.add(pair.end_seq[o], NEXT_MESSAGE_WINDOW)
-                 if self.fast and pair.resumable and pair.end_seq[o] is not None and pair.end_final[o]
-                 else None)
+        limit = self.window_limit(pair, o)
         # A packet the engine forwards while the program forwards the pair's others
         # (it waited in the queue since before the flows turned fast, or was punted) may
         # be older than some of those: its TSval is raised to the newest the program
@@ -614,6 +606,18 @@ class Engine:
                 self._fast_check(pair)
 
     # -- the fast path -----------------------------------------------------------------------
+    def window_limit(self, pair: Pair, o: int) -> int | None:
+        """How far (in the receiver's sequence space) windows offered for direction O's
+        bytes may reach: O's message end + NEXT_MESSAGE_WINDOW for a pair that resumes,
+        with the fast path; None: no limit.  What the sender sends past the end waits in
+        the proxy's rebuilt socket until the proxy reads a head, so a next body that
+        arrived whole could not be spliced (the program cuts the same, F_LIMIT).  Without
+        the fast path a splice costs more than the proxy's copy of a body that did arrive
+        whole."""
+        if self.fast and pair.resumable and pair.end_seq[o] is not None and pair.end_final[o]:
+            return seq.add(pair.end_seq[o], NEXT_MESSAGE_WINDOW)
+        return None
+
     def fast_signature(self, pair: Pair) -> tuple | str | None:
         """What the pair's flows in the fast path must say: None, no flows (the fast
         path is off or the pair is gone); "queue", flows that only mark the pair's
@@ -827,10 +831,10 @@ class Engine:
                 and not pair.ts_pending[S2C]:
             # (With the origin's TSval unknown, its answer would go through the queue
             # until the engine learnt it; a burst there costs more than the stall.)
-            wu = _window_update(pair, a, b, ts_on, fast=self.fast)
+            wu, wnd = _window_update(pair, a, b, ts_on, self.fast, self.window_limit(pair, S2C))
             self.injected.append(wu)
             self.counters["injected.window_update"] += 1
-            edge = seq.add(b.rcv_seq, TCPView(wu).window << b.rcv_wscale)
+            edge = seq.add(b.rcv_seq, wnd << b.rcv_wscale)
             if pair.win_edge[C2S] is None or seq.gt(edge, pair.win_edge[C2S]):
                 pair.win_edge[C2S] = edge
         if self.fast:
@@ -937,13 +941,11 @@ class Engine:
                 edge = pair.win_edge[d]
                 if edge is not None and seq.gt(edge, top):
                     top = edge
-                o = 1 - d
-                if self.fast and pair.resumable and pair.end_seq[o] is not None and pair.end_final[o]:
-                    # As far as the limit reaches: the program offered up to it in
-                    # ACKs whose copies came too late to be counted (watch copies).
-                    cap = seq.add(pair.end_seq[o], NEXT_MESSAGE_WINDOW)
-                    if seq.gt(cap, top):
-                        top = cap
+                # As far as the limit reaches: the program offered up to it in ACKs
+                # whose copies came too late to be counted (watch copies).
+                cap = self.window_limit(pair, 1 - d)
+                if cap is not None and seq.gt(cap, top):
+                    top = cap
                 w = (w[0], w[1], w[2], max(0, seq.diff(top, rcv_seq)), w[4])
             win.append(w)
         a2 = SocketState(seq.add(rcv[S2C], pair.tr[S2C].seq_delta), rcv[C2S], a.snd_wscale, a.rcv_wscale,
@@ -1088,15 +1090,16 @@ def _whole(buf, v: TCPView, csum_partial: bool) -> bytearray:
     return out
 
 
-def _window_update(pair: Pair, a: SocketState, b: SocketState, ts_on: bool, fast: bool = True) -> bytearray:
+def _window_update(pair: Pair, a: SocketState, b: SocketState, ts_on: bool, fast: bool,
+                   limit: int | None) -> tuple[bytearray, int]:
     """A pure ACK to the origin, as from socket B, announcing the client's window.
 
     The hand-off waited until the client had acknowledged everything socket A sent it,
     so no client packet may follow for a while; an origin that had filled B's receive
     window (the proxy stopped reading after the head) would wait for its persist timer,
     200 ms or more, before it learns the window is open again.  The window is the
-    client's as A last saw it, in the scale B announced, and with FAST (the fast path is
-    on) cut at the message end + NEXT_MESSAGE_WINDOW.  TSval one past B's last (the
+    client's as A last saw it, in the scale B announced, cut at LIMIT (Engine.window_limit).
+    Returns the packet and its window field.  TSval one past B's last (the
     translation of the offset's reference, the oldest client packet the engine will
     translate), or with FAST the client's newest, translated: the
     update goes out after the flows turn fast, so a client ACK the program forwards may
@@ -1105,8 +1108,8 @@ def _window_update(pair: Pair, a: SocketState, b: SocketState, ts_on: bool, fast
     Without the fast path every client packet goes through the engine, some still
     queued behind the newest it knows: an update that new made PAWS drop those."""
     wnd = max(1, min(a.window[1] >> b.rcv_wscale if a.window else 0xFFFF, 0xFFFF))
-    if fast and pair.resumable and pair.end_seq[S2C] is not None and pair.end_final[S2C]:
-        wnd = packet.limit_window(wnd, b.rcv_wscale, b.rcv_seq, seq.add(pair.end_seq[S2C], NEXT_MESSAGE_WINDOW))
+    if limit is not None:
+        wnd = packet.limit_window(wnd, b.rcv_wscale, b.rcv_seq, limit)
     tsval = seq.add(b.ts_now, 1)
     if fast and pair.tsval[C2S] is not None and not pair.ts_pending[C2S]:
         tsval = seq.add(pair.tsval[C2S], pair.tr[C2S].tsval_delta)
@@ -1114,7 +1117,7 @@ def _window_update(pair: Pair, a: SocketState, b: SocketState, ts_on: bool, fast
             tsval = seq.add(b.ts_now, 1)
     opts = packet.timestamp_option(tsval, pair.tsval[S2C] or 0) if ts_on else b""
     return packet.build(pair.proxy_b.ip, pair.server.ip, pair.proxy_b.port, pair.server.port,
-                        b.snd_seq, b.rcv_seq, ACK, window=wnd, options=opts)
+                        b.snd_seq, b.rcv_seq, ACK, window=wnd, options=opts), wnd
 
 
 def _prefreeze_ack(pair: Pair, key: bytes, v: TCPView) -> bool:

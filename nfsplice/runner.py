@@ -216,7 +216,7 @@ class Runner:
                     else:
                         values = [flow_value(pair.tr[d], end_seq=sig[d][0], ack_watch=sig[d][1],
                                              ifindex=egress[d], mark=QUEUE_MARK, tap=sig[d][2], c2s=d == C2S,
-                                             win_limit=pair.resumable)
+                                             win_limit=eng.window_limit(pair, 1 - d) is not None)
                                   for d in (C2S, S2C)]
                         eng.counters["fastpath.flows_written"] += 2
                 for d, key in enumerate(keys):
@@ -318,7 +318,7 @@ class Runner:
             got = self.fastpath.get(key)
         except OSError:
             return None
-        return got.max_tsval or None if got is not None else None
+        return (got.max_tsval or None) if got is not None else None
 
     # -- the proxy's calls ---------------------------------------------------------------
     def register(self, pair: Pair) -> Pair:
