@@ -8,6 +8,7 @@ each run no pair, socket or rule may be left behind.
 from __future__ import annotations
 
 import hashlib
+import time
 
 import pytest
 
@@ -99,7 +100,16 @@ def server_received(srv: ServerProcess, result: dict) -> dict[int, int]:
 
 
 def check_tap(sp: Splicer, result: dict, uploaded: dict[int, int]) -> None:
-    streams = sp.tap_streams()
+    # A pair's tap closes after it is forgotten: with the clone tap, once the clones
+    # queued before the close were fed (runner.CloneFeeder), so its files may follow the
+    # engine's idle state by a moment.
+    wanted = {c["local"] for c in result["connections"]}
+    deadline = time.monotonic() + 10
+    while True:
+        streams = sp.tap_streams()
+        if all(set(streams.get(w, ())) == {"c2s", "s2c"} for w in wanted) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     for c in result["connections"]:
         tap = streams.get(c["local"])
         assert tap is not None and set(tap) == {"c2s", "s2c"}, f"no tap for {c['local']}: {sorted(streams)[:5]}"
