@@ -76,7 +76,9 @@ RECV = 1 << 16
 # receive buffer (SO_RCVBUF, not autotuned): the body of a response the proxy will
 # splice then waits at the origin, not in the socket, where the hand-off would copy it
 # (bench_http, 1 MiB under 50 connections: 380 KB of each body copied by the drain with
-# the kernel's buffer, 63-98 KB with this).  The window scale is negotiated before it is
+# the kernel's buffer, 63-98 KB with this).  Its client connections read request heads
+# the same way, so an upload waits at the client (with the kernel's autotuned buffer a
+# 300 KB upload sometimes arrived whole and was copied).  The window scale is negotiated before it is
 # set, so a spliced flow still offers the client's whole window.  A large body the
 # proxy copies (BODY_RCVBUF_FROM bytes or more, or of unknown length) gets BODY_RCVBUF
 # instead, for the rest of that socket's life: a buffer never shrinks below a window it
@@ -407,6 +409,8 @@ class HTTPProxy:
         # second one for the client's delayed ACK (~40 ms).
         csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = Conn(csock, f"client {caddr[0]}:{caddr[1]}")
+        if self._head_window:
+            client.set_rcvbuf(HEAD_RCVBUF)    # an upload waits at the client: see HEAD_RCVBUF
         handed_off = False
         try:
             first = True
@@ -1385,8 +1389,9 @@ class HTTPProxy:
             if self._head_window:
                 # Small again for the next head, but never below the window the
                 # rebuilt socket offers (engine.resume_numbers).
-                up.rcvbuf = None
-                up.set_rcvbuf(max(HEAD_RCVBUF, b2.window[3] if b2.window else 0))
+                for c, n in ((client, a2), (up, b2)):
+                    c.rcvbuf = None
+                    c.set_rcvbuf(max(HEAD_RCVBUF, n.window[3] if n.window else 0))
             for c in (client, up):
                 c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as e:
