@@ -109,20 +109,32 @@ def test_next_body_waits_at_the_origin_not_in_the_rebuilt_socket(env):
 
 
 def test_spliced_bodies_are_not_retransmitted(env):
-    """No loss is injected, so the origin should resend (next to) nothing.  It resent
-    about 250 of the ~2,900 segments of every spliced 4 MiB body (a quarter of the
-    bytes, every one a duplicate the client reported by DSACK): the request's end was
-    watched for after the splice, so the program punted the origin's first packets (all
-    acknowledge it) to the queue and then overtook those still there once the engine had
-    seen one; the client SACKed the overtaking segment and the origin's RACK took each
-    overtaken one for lost."""
+    """No loss is injected, so the origin should resend little.  It resent about 250 of
+    the ~2,900 segments of every spliced 4 MiB body (a quarter of the bytes, every one a
+    duplicate the client reported by DSACK): the request's end was watched for after
+    the splice, so the program punted the origin's first packets (all acknowledge it)
+    to the queue and then overtook those still there once the engine had seen one; the
+    client SACKed the overtaking segment and the origin's RACK took each overtaken one
+    for lost.
+
+    What it still resends (6-55 segments a body in 16 runs, one of them in CI) are
+    segments reordered on the veth between the origin and the proxy, by a microsecond,
+    before the program sees them (tcpdump at the proxy's ingress shows the swap; at the
+    origin's egress the order is right); curl straight to the origin through the routed
+    proxy namespace resends 0-6 a body.  So the bound sits between the two: well under
+    the old bug, above the noise, and the program must have punted nothing for the
+    watch (the old bug's cause, counted)."""
     lab, sha, procs = env
     n = 8
     before = nstat(lab, lab.origin, "TcpRetransSegs")
+    st0 = instance_stats("hrs-fast", time.time())
     args = []
     for _ in range(n):
         args += ["-o", "/dev/null", f"http://{PROXY}:{FAST}/one.bin"]
     r = curl(lab, *args)
     assert r.returncode == 0, r.stderr
     resent = nstat(lab, lab.origin, "TcpRetransSegs") - before
-    assert resent <= n * 40, f"{resent} segments resent for {n} spliced 4 MiB bodies"
+    st = instance_stats("hrs-fast", time.time())
+    assert st.get("pairs.spliced", 0) - st0.get("pairs.spliced", 0) >= n - 1, st
+    assert st.get("fastpath.punt.ack_watch", 0) == st0.get("fastpath.punt.ack_watch", 0), (st0, st)
+    assert resent <= n * 100, f"{resent} segments resent for {n} spliced 4 MiB bodies"
