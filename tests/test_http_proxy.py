@@ -132,6 +132,26 @@ def test_bodies_exact(env, port, path):
         assert f" {want} " in line, line
 
 
+def test_small_response_goes_out_in_one_write(env):
+    """A body that arrives with its head (the scripted origin sends both in one write)
+    leaves in the same write as the forwarded head: one segment to the client, not
+    two (with TCP_NODELAY each send is a segment).  Bodies exact, counted (a --no-splice
+    listener takes the same path but writes no counters)."""
+    lab, _so, _ngx, procs = env
+    port, instance = SPLICED, "hpx-spliced"
+    before = instance_stats(instance, time.time()).get("http.one_write_responses", 0)
+    n = 5
+    args = []
+    for i in range(n):
+        args += ["-o", "-", f"http://{PROXY}:{port}/len/1000?one={i}"]
+    r = curl(lab, *args)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout) == 1000 * n
+    assert all(sha(r.stdout[i * 1000:(i + 1) * 1000]) == expected_sha256("/len/1000") for i in range(n))
+    after = instance_stats(instance, time.time()).get("http.one_write_responses", 0)
+    assert after - before == n, (before, after)
+
+
 @pytest.mark.parametrize("port", [SPLICED, COPIED])
 def test_keepalive_sequence_of_mixed_sizes(env, port):
     """One client connection, responses of mixed sizes: the next response's head is

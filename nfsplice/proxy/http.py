@@ -962,9 +962,17 @@ class HTTPProxy:
         out_head = http1.forwarding_head(resp, via=self.s.via, close=(splice and not resume) or not keep)
         if lk is not None:      # RFC 9211: our member after those of caches nearer the origin
             out_head = out_head[:-2] + f"Cache-Status: {lk.status}\r\n\r\n".encode("latin-1")
+        fill = lk.fill if lk is not None else None
+        if not splice and fill is None and rframing[0] == "length" and 0 < rframing[1] <= len(up.buf):
+            # A body that came whole with its head (a small response): head and body in
+            # one write, so one segment to the client instead of two (with NODELAY).
+            out = out_head + up.take(rframing[1])
+            client.send(out)
+            ex.bytes_out += len(out)
+            self.counters["http.one_write_responses"] += 1
+            return keep, False, reusable and self._clean(up)
         client.send(out_head)
         ex.bytes_out += len(out_head)
-        fill = lk.fill if lk is not None else None
         try:
             return self._response_body(client, up, ex, rframing, splice, resume, keep, reusable, fill)
         except BaseException:
