@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import socket
 import threading
+import time
 
 from nfsplice.proxy.http import Conn, ConnPool, Upstreams
 
@@ -114,8 +115,8 @@ def test_evict_takes_the_oldest_of_all_addresses():
 
 
 def test_threads_never_share_a_connection_and_lose_none():
-    """8 threads take and give back 6 connections 2,000 times each, a sweeper and an
-    evicting thread beside them: every connection is held by one caller at a time,
+    """8 threads take and give back 6 connections 2,000 times each, holding each a
+    moment, a sweeper beside them: every connection is held by one caller at a time,
     and at the end each is in the pool or was dropped exactly once."""
     h = Harness(size=6, idle=1e9)
     conns = [h.conn(str(i)) for i in range(6)]
@@ -135,6 +136,7 @@ def test_threads_never_share_a_connection_and_lose_none():
                 if id(c) in holders:
                     errors.append(f"{c.name} held by {holders[id(c)]} and {me}")
                 holders[id(c)] = me
+            time.sleep(0)                 # (others run while this one holds it)
             with guard:
                 del holders[id(c)]
             h.pool.put(A, c)

@@ -78,8 +78,8 @@ RECV = 1 << 16
 # (bench_http, 1 MiB under 50 connections: 380 KB of each body copied by the drain with
 # the kernel's buffer, 63-98 KB with this).  Its client connections read request heads
 # the same way, so an upload waits at the client (with the kernel's autotuned buffer a
-# 300 KB upload sometimes arrived whole and was copied).  The window scale is negotiated before it is
-# set, so a spliced flow still offers the client's whole window.  A large body the
+# 300 KB upload sometimes arrived whole and was copied).  The window scale is
+# negotiated before it is set, so a spliced flow still offers the client's whole window.  A large body the
 # proxy copies (BODY_RCVBUF_FROM bytes or more, or of unknown length) gets BODY_RCVBUF
 # instead, for the rest of that socket's life: a buffer never shrinks below a window it
 # has offered (what arrives past it would be dropped), so later bodies on that
@@ -1397,9 +1397,9 @@ class HTTPProxy:
             if self._head_window:
                 # Small again for the next head, but never below the window the
                 # rebuilt socket offers (engine.resume_numbers).
-                for c, n in ((client, a2), (up, b2)):
+                for c, st in ((client, a2), (up, b2)):
                     c.rcvbuf = None
-                    c.set_rcvbuf(max(HEAD_RCVBUF, n.window[3] if n.window else 0))
+                    c.set_rcvbuf(max(HEAD_RCVBUF, st.window[3] if st.window else 0))
             for c in (client, up):
                 c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as e:
