@@ -32,7 +32,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from . import packet, seq
-from .packet import ACK, FIN, RST, SYN, Malformed, TCPView, Translation
+from .packet import ACK, FIN, PSH, RST, SYN, Malformed, TCPView, Translation
 from .proxy.http1 import PeerError
 from .queue.base import HOOK_LOCAL_OUT
 
@@ -264,12 +264,20 @@ class Engine:
                     # connection again.
                     c["proxy_socket.resumed"] += 1
                     return Decision.ACCEPT
-                if _prefreeze_ack(pair, key, v):
+                stale = _prefreeze(pair, key, v)
+                if stale == "ack":
                     # The ACK that completed the upstream handshake (or one like it) was
                     # still waiting in the queue when the socket was frozen: it carries
                     # nothing new, and the origin needs it.
                     c["proxy_socket.prefreeze_ack"] += 1
                     return Decision.ACCEPT
+                if stale == "data":
+                    # A retransmission sent before the freeze (without the fast path the
+                    # queue carries the sockets' own packets too, and runs behind) of
+                    # bytes the receiver has acknowledged since: the drain waits for
+                    # that before the freeze.  Nothing new, and its receiver has it.
+                    c["proxy_socket.prefreeze_retransmission"] += 1
+                    return Decision.DROP
                 if v.flags & SYN:
                     # Not the frozen socket: the listener retransmitting a SYN-ACK
                     # (a lost handshake ACK) that waited in the queue while the pair
@@ -1120,14 +1128,20 @@ def _window_update(pair: Pair, a: SocketState, b: SocketState, ts_on: bool, fast
                         b.snd_seq, b.rcv_seq, ACK, window=wnd, options=opts), wnd
 
 
-def _prefreeze_ack(pair: Pair, key: bytes, v: TCPView) -> bool:
-    """Is V a pure ACK a frozen socket of PAIR queued before it was frozen?  Such a
-    packet has exactly the socket's send sequence and acknowledges no more than it had
-    received; anything else from a frozen socket is new and must not leave."""
-    if pair.frozen is None or v.flags != ACK or v.payload_len:
-        return False
+def _prefreeze(pair: Pair, key: bytes, v: TCPView) -> str | None:
+    """What a frozen socket of PAIR queued before it was frozen looks like: "ack", a
+    pure ACK with exactly the socket's send sequence; "data", bytes wholly before that
+    sequence (a retransmission: the socket's send queue was empty at the freeze, all of
+    it acknowledged).  Either acknowledges no more than the socket had received.  None:
+    anything else from a frozen socket is new and must not leave."""
+    if pair.frozen is None or v.flags & ~(ACK | PSH) or not v.flags & ACK:
+        return None
     st = pair.frozen[0] if key == pair.out_keys()[0] else pair.frozen[1]
-    return v.seq == st.snd_seq and seq.le(v.ack, st.rcv_seq)
+    if not seq.le(v.ack, st.rcv_seq):
+        return None
+    if not v.payload_len:
+        return "ack" if v.seq == st.snd_seq and v.flags == ACK else None
+    return "data" if seq.le(seq.add(v.seq, v.payload_len), st.snd_seq) else None
 
 
 def _tsval(v: TCPView) -> int | None:

@@ -129,6 +129,26 @@ def test_frozen_socket_silenced_but_prefreeze_ack_passes():
     assert pair.state == State.SPLICED
 
 
+def test_frozen_socket_prefreeze_retransmission_dropped_apart():
+    """A retransmission the socket queued before the freeze (bytes wholly before its
+    send sequence, acknowledged since) is dropped and counted as such; bytes at or past
+    the send sequence, a FIN or an ACK of more than the socket received are new: the
+    safety net's drops."""
+    eng = Engine()
+    new_pair(eng)
+    old = P.build(PB, SERVER, 61000, 8000, B.snd_seq - 100, B.rcv_seq, P.ACK | P.PSH, payload=b"r" * 100)
+    d, _ = run(eng, old, hook=HOOK_LOCAL_OUT)
+    assert d == Decision.DROP and eng.counters["proxy_socket.prefreeze_retransmission"] == 1
+    assert eng.counters["dropped.proxy_socket"] == 0
+    for pkt in (P.build(PB, SERVER, 61000, 8000, B.snd_seq - 50, B.rcv_seq, P.ACK, payload=b"n" * 100),
+                P.build(PB, SERVER, 61000, 8000, B.snd_seq - 100, B.rcv_seq, P.ACK | P.FIN, payload=b"f" * 100),
+                P.build(PB, SERVER, 61000, 8000, B.snd_seq - 100, B.rcv_seq + 1, P.ACK, payload=b"a" * 100)):
+        d, _ = run(eng, pkt, hook=HOOK_LOCAL_OUT)
+        assert d == Decision.DROP
+    assert eng.counters["dropped.proxy_socket"] == 3
+    assert eng.counters["proxy_socket.prefreeze_retransmission"] == 1
+
+
 def test_both_fins_acked_then_forgotten_after_linger():
     eng = Engine(linger=2.0)
     pair = new_pair(eng)
