@@ -106,6 +106,12 @@ class Splicer:
         return out
 
 
+def socket_counters(st: dict) -> dict:
+    """The proxy-socket counters of stats ST (dropped.proxy_socket and its per-flags
+    keys): what an assertion on them shows when it fails (the whole dict is cut)."""
+    return {k: v for k, v in st.items() if "proxy_socket" in k}
+
+
 def instance_stats(instance: str, newer_than: float = 0.0) -> dict:
     """The counters the running instance INSTANCE wrote (/run/nfsplice/INSTANCE.json)
     after NEWER_THAN (time.time()); waits up to 10 s for them, then fails."""

@@ -19,7 +19,7 @@ import pytest
 from netns_lab.origins import (BAD_CASES, NginxOrigin, ScriptedOrigin, expected_length, expected_sha256,
                                raw_exchange, raw_request, stream_bytes)
 from netns_lab.topology import Lab
-from tests.splicer import REPO, instance_stats, proxy_sockets, raw_rules
+from tests.splicer import REPO, instance_stats, proxy_sockets, raw_rules, socket_counters
 
 pytestmark = pytest.mark.root
 
@@ -612,7 +612,7 @@ def test_config_spliced_body_then_pooled_reuse(multi):
     seqs = [q["seq"] for q in reqs]
     assert seqs == list(range(seqs[0], seqs[0] + len(paths)))
     st = stats(newer_than=time.time() + 0.1)
-    assert st["http.resumed"] >= 2 and st.get("dropped.proxy_socket", 0) == 0
+    assert st["http.resumed"] >= 2 and st.get("dropped.proxy_socket", 0) == 0, socket_counters(st)
 
 
 def test_config_idle_pooled_connection_closed_after_pool_idle(multi):

@@ -18,7 +18,7 @@ import pytest
 
 from netns_lab.origins import NginxOrigin, ScriptedOrigin, raw_exchange
 from netns_lab.topology import Lab
-from tests.splicer import instance_stats
+from tests.splicer import instance_stats, socket_counters
 from tests.test_http_proxy import PROXY, HTTPProxyProc, curl, sha, stop_all
 
 pytestmark = pytest.mark.root
@@ -192,7 +192,7 @@ def test_client_abort_mid_upload_frees_everything(env, port):
             break
         time.sleep(0.5)
     assert st.get("pairs.active") == 0, st
-    assert st.get("dropped.proxy_socket", 0) == 0, st
+    assert st.get("dropped.proxy_socket", 0) == 0, socket_counters(st)
     path, digest = body_file(300000, 9)
     assert f"x-body-sha256: {digest}" in upload(lab, port, path)
 
