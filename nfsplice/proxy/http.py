@@ -78,13 +78,13 @@ RECV = 1 << 16
 # (bench_http, 1 MiB under 50 connections: 380 KB of each body copied by the drain with
 # the kernel's buffer, 63-98 KB with this).  Its client connections read request heads
 # the same way, so an upload waits at the client (with the kernel's autotuned buffer a
-# 300 KB upload sometimes arrived whole and was copied).  The window scale is
-# negotiated before it is set, so a spliced flow still offers the client's whole window.  A large body the
-# proxy copies (BODY_RCVBUF_FROM bytes or more, or of unknown length) gets BODY_RCVBUF
-# instead, for the rest of that socket's life: a buffer never shrinks below a window it
-# has offered (what arrives past it would be dropped), so later bodies on that
-# connection may arrive whole and be copied.  Smaller ones are copied through the head's
-# buffer, about the window a fresh socket starts with anyway.
+# 300 KB upload sometimes arrived whole and was copied).  The window scale is negotiated
+# before it is set, so a spliced flow still offers the client's whole window.  A large
+# body the proxy copies (BODY_RCVBUF_FROM bytes or more, or of unknown length) gets
+# BODY_RCVBUF instead, for the rest of that socket's life: a buffer never shrinks below
+# a window it has offered (what arrives past it would be dropped), so later bodies on
+# that connection may arrive whole and be copied.  Smaller ones are copied through the
+# head's buffer, about the window a fresh socket starts with anyway.
 HEAD_RCVBUF = 64 << 10
 BODY_RCVBUF = 4 << 20
 BODY_RCVBUF_FROM = 1 << 20
@@ -110,7 +110,7 @@ class Settings:
     listen: tuple[str, int] | None = None
     upstreams: tuple[tuple[str, int], ...] = ()   # round robin; none: forward proxy
     splice: bool = True
-    threshold: int = 2 << 20       # bench_http, 50 connections: 1 MiB spliced 0.91x a copy, 4 MiB 1.95x
+    threshold: int = 2 << 20       # bench_http, 50 connections: 1 MiB spliced 0.94x a copy, 4 MiB 1.8x
     # A chunked body is spliced from a chunk with at least this much left: each chunk
     # boundary costs a trip through the queue (64 KiB chunks spliced: 1/3 of a copy's speed).
     chunk_threshold: int = 8 << 20
