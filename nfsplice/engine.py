@@ -980,7 +980,10 @@ class Engine:
             nxt = pair.next_seq[d]
             if pair.fin_seq[d] is not None and (nxt is None or seq.ge(pair.fin_seq[d], nxt)):
                 nxt = seq.add(pair.fin_seq[d], 1)      # (a FIN takes one sequence number)
-            if pair.end_seq[d] is not None and (nxt is None or seq.gt(nxt, pair.end_seq[d])):
+            # The message's end only caps: with nothing forwarded yet (the origin stalled
+            # right after the hand-off) the receiver is at the frozen socket's number,
+            # and a RST beyond its window would be ignored.
+            if pair.end_seq[d] is not None and nxt is not None and seq.gt(nxt, pair.end_seq[d]):
                 nxt = pair.end_seq[d]
             rst_seq = seq.add(nxt, tr.seq_delta) if nxt is not None else st.snd_seq
             self.injected.append(packet.build(tr.src, tr.dst, tr.sport, tr.dport, rst_seq, 0, RST,

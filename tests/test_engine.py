@@ -312,6 +312,25 @@ def test_inactivity_resets_a_pair_whose_bytes_stopped():
     assert {(r.dst, r[TCP].flags.R) for r in rsts} == {("198.18.1.2", 1), ("198.18.2.2", 1)}
 
 
+def test_inactivity_reset_before_any_spliced_byte_is_in_the_receivers_window():
+    """The origin stalls right after the hand-off: the drain delivered every byte so
+    far and none went through the engine.  The RST to the client carries the frozen
+    socket's send sequence (what the client received up to), not the message's end
+    (200 bytes further: outside the client's window, so it ignored the RST and waited
+    for ever); the one to the origin its receive sequence."""
+    clock = [0.0]
+    eng = Engine(inactivity_timeout=5.0, clock=lambda: clock[0])
+    pair = new_pair(eng, limits=(0, 200))
+    for t in range(1, 8):
+        clock[0] = float(t)
+        eng.tick(now=clock[0])
+    assert eng.counters["pairs.reset_by_engine.inactivity"] == 1
+    rsts = {r.dst: r[TCP] for r in (IP(bytes(p)) for p in eng.injected)}
+    assert rsts["198.18.1.2"].flags.R and rsts["198.18.1.2"].seq == A.snd_seq
+    assert rsts["198.18.2.2"].flags.R and rsts["198.18.2.2"].seq == B.snd_seq
+    assert pair.reset
+
+
 def test_tsvals_learnt_from_the_first_packets_after_the_splice():
     """When only marked packets are queued, the engine may not have seen either side's
     TSval before the hand-off.  Each side's offset then comes from its first packet
