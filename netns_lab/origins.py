@@ -37,6 +37,8 @@ thread per connection, keep-alive and pipelining; the request path picks the beh
     /truncate-chunked/<n>[/<c>]  chunked body without its last-chunk, then FIN
     /reset-chunked/<n>[/<c>]  the same, then RST (once everything sent is acknowledged)
     /reset/<n>/<k>            Content-Length n, k bytes (waits until acknowledged), RST
+    /reset-close/<k>          close-delimited (no Content-Length, Connection: close), k
+                              bytes (waits until acknowledged), then RST instead of the FIN
     /half-close/<n>           Content-Length body, shutdown(SHUT_WR), keeps reading until
                               EOF; logs an event "half-close-read" with what it read
     /stall/<n>/<k>/<secs>     Content-Length n, k bytes, sleeps secs, sends the rest
@@ -174,7 +176,7 @@ def expected_length(path: str) -> int:
         args = [int(x) for x in nums]
     except ValueError:
         raise ValueError(f"not a numeric path: {path}") from None
-    if kind in ("len", "close", "half-close", "extra", "truncate-chunked", "reset-chunked") and args:
+    if kind in ("len", "close", "half-close", "extra", "truncate-chunked", "reset-chunked", "reset-close") and args:
         return args[0]
     if kind == "chunked" and len(args) == 2:
         return args[0]
@@ -794,6 +796,10 @@ class _Conn:
         if kind == "reset" and need(2) and nums[1] <= nums[0]:
             n, k = nums
             self.send_stream(0, k, prefix=self.head(req, 200, [("Content-Length", str(n))] + extra))
+            self.reset()
+            return "done"
+        if kind == "reset-close" and need(1):
+            self.send_stream(0, nums[0], prefix=self.head(req, 200, close=True))
             self.reset()
             return "done"
         if kind == "half-close" and need(1):

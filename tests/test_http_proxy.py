@@ -231,6 +231,28 @@ def test_upstream_fault_leaves_client_truncated(env, port, path):
     assert len(r.stdout) < 1048576
 
 
+@pytest.mark.parametrize("port", [SPLICED, COPIED])
+def test_upstream_reset_mid_close_delimited_body_resets_the_client(env, port):
+    """A close-delimited body ends only with the origin's FIN: when the origin resets
+    instead, the client gets a reset too (a FIN would make the cut body look complete),
+    and only a prefix of the body.  The copying proxy logs the exchange aborted; the
+    spliced one logged it at the hand-off, before the engine saw the reset."""
+    lab, _so, _ngx, procs = env
+    n = 4 << 20
+    path = f"/reset-close/{n}"
+    res = raw_request(lab, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), addr=PROXY, port=port, idle=5.0)
+    resp = res.response()
+    assert resp.status == 200 and resp.get("content-length") is None and resp.get("transfer-encoding") is None
+    body = res.data[resp.head_len:]
+    assert res.end == "reset", (res.end, len(body))
+    assert len(body) <= n and body == stream_bytes(len(body))
+    line = procs[port].access_line(f" GET {path} ")
+    if port == COPIED:
+        assert " copied " in line and " aborted (" in line, line
+    else:
+        assert " spliced " in line, line
+
+
 BAD_IN_BODY = {"bad-chunk-size", "chunk-missing-crlf", "chunk-size-overflow"}
 
 

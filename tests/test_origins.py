@@ -303,6 +303,15 @@ def test_reset_after_k_bytes(lab, so):
 
 
 @pytest.mark.root
+def test_reset_ends_a_close_delimited_body(lab, so):
+    r = O.raw_request(lab, O.request_bytes("GET", "/reset-close/300000"))
+    resp = r.response()
+    assert r.end == "reset" and resp.get("content-length") is None and resp.get("connection") == "close"
+    assert r.data[resp.head_len:] == stream_bytes(300000)
+    assert curl(lab, so.url("/reset-close/300000"), check=False).returncode == 56     # recv failure
+
+
+@pytest.mark.root
 def test_half_close_keeps_reading(lab, so):
     r = O.raw_exchange(lab, [O.request_bytes("GET", "/half-close/5000"), ("eof",), b"after-fin", ("sleep", 0.1),
                              ("close",)])

@@ -452,7 +452,7 @@ class HTTPProxy:
                     else:
                         # Headers already went out: the client must see a truncated
                         # message, never a complete-looking one.
-                        access.info(ex.line() + " aborted")
+                        access.info(ex.line() + f" aborted ({e.reason})")
                         _abort(client.sock)
                     return
                 access.info(ex.line())
@@ -1009,10 +1009,9 @@ class HTTPProxy:
         elif rframing[0] == "chunked":
             ex.bytes_out += self._copy_chunked(up, client, upstream=True, tee=tee)
         else:   # close-delimited, copied
-            n, clean = self._copy_until_eof(up, client, tee)
-            ex.bytes_out += n
+            ex.bytes_out += self._copy_until_eof(up, client, tee)
             if tee is not None:
-                tee.end(clean)
+                tee.end(True)
                 _settle(fill)
             return False, False, False
         if tee is not None:
@@ -1089,9 +1088,11 @@ class HTTPProxy:
         scanner = http1.ChunkedScanner(upstream=upstream, limits=self.s.limits)
         return self._copy_chunked_part(src, dst, scanner, None, upstream, tee=tee)
 
-    def _copy_until_eof(self, src: Conn, dst: Conn, tee=None) -> tuple[int, bool]:
-        """Everything until SRC closes.  Returns (bytes, whether it ended with a clean
-        EOF: a reset or a timeout may have cut the body short)."""
+    def _copy_until_eof(self, src: Conn, dst: Conn, tee=None) -> int:
+        """Everything until the upstream SRC closes (a body without framing).  Returns
+        the bytes copied.  Its FIN is the body's only end: a reset or a timeout instead
+        may have cut it short, and raises _Upstream, so the client's connection ends
+        with a reset too (a FIN would end the client's copy as if it were complete)."""
         total = 0
         while True:
             if src.buf:
@@ -1101,11 +1102,12 @@ class HTTPProxy:
                     tee(chunk)
                 total += len(chunk)
             if src.eof:
-                return total, True
+                return total
             try:
                 src.fill(self.s.timeouts.response)
-            except _Closed:
-                return total, False
+            except _Closed as e:
+                self.counters["http.truncated_bodies"] += 1
+                raise _Upstream(502, f"{e} after {total} bytes of a body ending at the close") from None
 
     # -- CONNECT and tunnels -----------------------------------------------------------------
     def _connect(self, client: Conn, req: http1.Request, addr, ex: Exchange) -> bool:
