@@ -1025,6 +1025,19 @@ class Engine:
             return None
         return base_off + seq.diff(pair.fin_seq[d], base_seq)
 
+    @staticmethod
+    def forwarded_length(pair: Pair, d: int) -> int:
+        """Bytes in direction D from the first byte as far as they went: to the end
+        `stream_length` knows, else (a reset, an inactivity timeout) to the highest byte
+        the engine saw from the sender, which the receiver may not have got."""
+        n = Engine.stream_length(pair, d)
+        if n is not None:
+            return n
+        base_seq, base_off = pair.tap_base[d]
+        if pair.next_seq[d] is None:
+            return base_off
+        return base_off + max(0, seq.diff(pair.next_seq[d], base_seq))
+
     def stats(self) -> dict:
         out = dict(self.counters)
         out["pairs.active"] = len(self.pairs)

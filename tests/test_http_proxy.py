@@ -17,7 +17,7 @@ import time
 import pytest
 
 from netns_lab.origins import (BAD_CASES, NginxOrigin, ScriptedOrigin, expected_length, expected_sha256,
-                               raw_exchange, raw_request, stream_bytes)
+                               parse_response, raw_exchange, raw_request, stream_bytes)
 from netns_lab.topology import Lab
 from tests.splicer import REPO, instance_stats, proxy_sockets, raw_rules, socket_counters
 
@@ -76,6 +76,15 @@ class HTTPProxyProc:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(20)
         return self.proc.returncode
+
+
+def access_fields(line: str) -> dict:
+    """An access-log line's fields (HTTPProxy's Exchange.line, after the logger's prefix)."""
+    words = line.split()
+    i = next(i for i, w in enumerate(words) if w.startswith("cache=")) - 7
+    client, method, target, status, bytes_in, bytes_out, mode = words[i:i + 7]
+    return {"method": method, "target": target, "status": int(status), "in": int(bytes_in),
+            "out": int(bytes_out), "mode": mode, "rest": " ".join(words[i + 7:])}
 
 
 def stop_all(lab, procs) -> None:
@@ -235,8 +244,8 @@ def test_upstream_fault_leaves_client_truncated(env, port, path):
 def test_upstream_reset_mid_close_delimited_body_resets_the_client(env, port):
     """A close-delimited body ends only with the origin's FIN: when the origin resets
     instead, the client gets a reset too (a FIN would make the cut body look complete),
-    and only a prefix of the body.  The copying proxy logs the exchange aborted; the
-    spliced one logged it at the hand-off, before the engine saw the reset."""
+    and only a prefix of the body.  Both log the exchange aborted (the spliced one when
+    the engine forgets the pair)."""
     lab, _so, _ngx, procs = env
     n = 4 << 20
     path = f"/reset-close/{n}"
@@ -246,11 +255,12 @@ def test_upstream_reset_mid_close_delimited_body_resets_the_client(env, port):
     body = res.data[resp.head_len:]
     assert res.end == "reset", (res.end, len(body))
     assert len(body) <= n and body == stream_bytes(len(body))
-    line = procs[port].access_line(f" GET {path} ")
-    if port == COPIED:
-        assert " copied " in line and " aborted (" in line, line
-    else:
-        assert " spliced " in line, line
+    f = access_fields(procs[port].access_line(f" GET {path} "))
+    assert f["mode"] == ("spliced" if port == SPLICED else "copied") and " aborted (" in f["rest"], f
+    if port == SPLICED:
+        # The origin resets once all it sent is acknowledged (through the splice, by
+        # the client): the engine forwarded every byte, and the line counts them.
+        assert len(body) == n and f["out"] == len(res.data), (f, len(res.data))
 
 
 BAD_IN_BODY = {"bad-chunk-size", "chunk-missing-crlf", "chunk-size-overflow"}
@@ -359,15 +369,69 @@ def test_forward_proxy_absolute_form(env):
     assert " spliced " in procs[FORWARD].access_line("/f.bin ")
 
 
-def test_upgrade_101_turns_into_a_tunnel(env):
-    lab, so, _ngx, _procs = env
-    req = b"GET /upgrade HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n"
-    payload = os.urandom(100000)
+@pytest.mark.parametrize("port", [SPLICED, COPIED])
+def test_upgrade_101_turns_into_a_tunnel(env, port):
+    """After a 101 both directions are raw (spliced or copied); the access line says
+    which, with the tunnel's bytes: in, what the client sent after its request head;
+    out, everything it received (the 101 head and the echo)."""
+    lab, so, _ngx, procs = env
+    target = f"/upgrade?tunnel={port}"
+    req = f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n".encode()
+    payload = os.urandom(1 << 20)
     res = raw_exchange(lab, [req, ("until", b"\r\n\r\n"), ("send", payload), ("recv", 0), ("shutdown",)],
-                       addr=PROXY, port=SPLICED, idle=2.0)
+                       addr=PROXY, port=port, idle=2.0)
     resp = res.response()
     assert resp.status == 101
-    assert res.data.endswith(payload)
+    assert res.data[resp.head_len:] == payload and res.end == "eof"
+    f = access_fields(procs[port].access_line(f" GET {target} "))
+    want = "spliced" if port == SPLICED else "copied"
+    assert (f["status"], f["mode"], f["in"], f["out"]) == (101, want, len(payload), len(res.data)), f
+    assert "aborted" not in f["rest"], f
+
+
+def test_close_delimited_spliced_body_logged_with_its_bytes(env):
+    """A body until the origin's close, spliced: its bytes are the engine's, and the
+    line (written when the engine forgets the pair) counts them all."""
+    lab, _so, _ngx, procs = env
+    path = f"/close/{3 << 20}"
+    res = raw_request(lab, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), addr=PROXY, port=SPLICED)
+    resp = res.response()
+    assert res.end == "eof" and res.data[resp.head_len:] == stream_bytes(3 << 20)
+    f = access_fields(procs[SPLICED].access_line(f" GET {path} "))
+    assert (f["status"], f["mode"], f["in"], f["out"]) == (200, "spliced", 0, len(res.data)), f
+    assert "aborted" not in f["rest"], f
+
+
+CONNECT_COPIED = 3129
+
+
+@pytest.mark.parametrize("port", [FORWARD, CONNECT_COPIED])
+def test_connect_tunnel_logged_with_mode_and_bytes(env, port):
+    """CONNECT to the scripted origin (port 8001 is allowed), then HTTP through the
+    tunnel: the access line is written when the tunnel ends, says spliced or copied,
+    and counts in the bytes the client sent through it, out everything it received."""
+    lab, so, _ngx, procs = env
+    proc = None
+    if port == CONNECT_COPIED:
+        proc = HTTPProxyProc(lab, port, "--no-splice", "--ports", "60500-60999", "--connect-ports", "8001",
+                             instance="hpx-connect-copied")
+    try:
+        target = f"{so.addr}:{so.port}"
+        inner = f"GET /len/{3 << 20}?connect={port} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        steps = [f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode(), ("until", b"\r\n\r\n"),
+                 ("send", inner)]
+        res = raw_exchange(lab, steps, addr=PROXY, port=port, idle=3.0)
+        assert res.response().status == 200 and res.end == "eof", res.data[:300]
+        rest = res.data[res.response().head_len:]
+        inner_resp = parse_response(rest)
+        assert rest[inner_resp.head_len:] == stream_bytes(3 << 20)
+        f = access_fields((proc or procs[port]).access_line(f" CONNECT {target} "))
+        want = "spliced" if port == FORWARD else "copied"
+        assert (f["status"], f["mode"], f["in"], f["out"]) == (200, want, len(inner), len(res.data)), f
+        assert "aborted" not in f["rest"], f
+    finally:
+        if proc is not None:
+            assert proc.stop() == 0, proc.text()
 
 
 def test_nginx_origin_large_and_keepalive(env):

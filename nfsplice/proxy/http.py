@@ -47,7 +47,11 @@ One `HTTPProxy` per listen address; `HTTPService` runs several in one process on
 runner.  One thread per client connection, blocking sockets with timeouts.  Every
 request gets one access-log line: client, method, target, status, bytes in/out,
 spliced|copied, cache status (cache=hit|miss|revalidated|stale|collapsed|bypass|purge,
-- without a cache), upstream address, upstream and total milliseconds.
+- without a cache), upstream address, upstream and total milliseconds.  The line of a
+tunnel (CONNECT, 101) or of a body delimited by the origin's close is written when it
+ends: copied, with the bytes the proxy moved; spliced, when the engine forgets the pair
+(after --linger), with the bytes it forwarded, and "aborted" when the spliced bytes did
+not end with a FIN.  A process stopped meanwhile logs such a line without them.
 """
 from __future__ import annotations
 
@@ -64,7 +68,7 @@ from dataclasses import dataclass, field
 from .. import handoff, syscalls
 from ..cache import layer, policy
 from ..cache.store import ABORTED, COMMITTED
-from ..engine import QUEUE_MARK, S2C, Endpoint, Pair
+from ..engine import C2S, QUEUE_MARK, S2C, Endpoint, Engine, Pair
 from . import common, http1
 from .http1 import HTTPError, UpstreamError
 
@@ -220,6 +224,7 @@ class Exchange:
     upstream: str = "-"
     upstream_ms: float = 0.0
     started: float = field(default_factory=time.monotonic)
+    deferred: bool = False      # the line is written when the engine forgets the pair (`forget`)
 
     def line(self) -> str:
         total = (time.monotonic() - self.started) * 1000
@@ -377,6 +382,9 @@ class HTTPProxy:
         # itself with Surrogate-Capability and obeys Surrogate-Control meant for it.
         self.surrogate = settings.via.split(":")[0] if cache is not None and self.upstreams else None
         self.waiters: dict[int, threading.Event] = {}
+        # Spliced exchanges whose access line waits for the engine's byte counts: id(pair)
+        # -> (Exchange, the directions spliced until their FIN).
+        self.deferred: dict[int, tuple[Exchange, tuple[int, ...]]] = {}
 
     @property
     def _head_window(self) -> bool:
@@ -402,6 +410,9 @@ class HTTPProxy:
             self.lsock.close()
             self.lsock = None
         self.conns.close()
+        while self.deferred:
+            _pid, (ex, _dirs) = self.deferred.popitem()
+            access.info(ex.line() + " (still spliced at shutdown: the bytes since the hand-off are not counted)")
 
     # -- one client connection ---------------------------------------------------------------
     def _client(self, csock: socket.socket, caddr) -> None:
@@ -455,7 +466,8 @@ class HTTPProxy:
                         access.info(ex.line() + f" aborted ({e.reason})")
                         _abort(client.sock)
                     return
-                access.info(ex.line())
+                if not ex.deferred:
+                    access.info(ex.line())
                 if handed_off or not keep:
                     return
         except _Closed as e:
@@ -955,7 +967,9 @@ class HTTPProxy:
         # (sockets rebuilt with TCP_REPAIR), so keep-alive survives the splice.
         resume = splice and rframing[0] == "length" and keep and self.s.resume
         if rframing[0] == "tunnel":
-            client.send(http1.forwarding_head(resp, via=self.s.via, upgrade_allowed=True))
+            out_head = http1.forwarding_head(resp, via=self.s.via, upgrade_allowed=True)
+            client.send(out_head)
+            ex.bytes_out += len(out_head)
             return False, self._tunnel(client, up, ex), False
         if lk is not None and self.surrogate is not None:
             resp = dataclasses.replace(resp, fields=layer.strip_surrogate(resp.fields))
@@ -1118,39 +1132,56 @@ class HTTPProxy:
             self._refuse(client, ex, e.status, e.reason)
             return False
         ex.status = 200
-        client.send(b"HTTP/1.1 200 Connection Established\r\nVia: 1.1 " + self.s.via.encode() + b"\r\n\r\n")
-        access.info(ex.line())
-        handed = self._tunnel(client, up, ex)
+        head = b"HTTP/1.1 200 Connection Established\r\nVia: 1.1 " + self.s.via.encode() + b"\r\n\r\n"
+        # The line is written once the tunnel's mode and bytes are known: when a copied
+        # tunnel ends, or (spliced) when the engine forgets the pair.
+        try:
+            client.send(head)
+            ex.bytes_out += len(head)
+            handed = self._tunnel(client, up, ex)
+        except _Closed as e:
+            self._drop(up)
+            access.info(ex.line() + f" aborted ({e})")
+            raise
         if not handed:
             self._drop(up)
+        if not ex.deferred:
+            access.info(ex.line())
         return handed
 
     def _tunnel(self, client: Conn, up: Conn, ex: Exchange) -> bool:
-        """Both directions raw from here: spliced when we can, else copied."""
+        """Both directions raw from here: spliced when we can (the engine counts the
+        bytes: the access line waits for the pair's end), else copied (counted here)."""
         ex.mode = "spliced" if self.runner is not None and self.s.splice else "copied"
         if ex.mode == "spliced":
-            return self._handoff(client, up, limits=(None, None))
-        self._relay(client, up)
+            return self._handoff(client, up, limits=(None, None), ex=ex)
+        n_in, n_out = self._relay(client, up)
+        ex.bytes_in += n_in
+        ex.bytes_out += n_out
         return False
 
-    def _relay(self, a: Conn, b: Conn) -> None:
+    def _relay(self, a: Conn, b: Conn) -> tuple[int, int]:
+        """Copy both ways until both ends closed (or one failed, or splice_idle seconds
+        of silence).  Returns the bytes (A to B, B to A)."""
         for c in (a, b):
             if c.rcvbuf is not None:
                 c.set_rcvbuf(BODY_RCVBUF)      # copied: see HEAD_RCVBUF
+        moved = {a.sock: 0, b.sock: 0}
         for c, other in ((a, b), (b, a)):
             if c.buf:
+                moved[c.sock] += len(c.buf)
                 other.send(c.take(len(c.buf)))
         socks = {a.sock: b, b.sock: a}
         open_ = {a.sock, b.sock}
         while open_:
             r, _, _ = select.select(list(open_), [], [], self.s.timeouts.splice_idle)
             if not r:
-                return
+                break
             for s in r:
                 try:
                     data = s.recv(RECV)
                 except OSError:
-                    return
+                    return moved[a.sock], moved[b.sock]
                 if not data:
                     open_.discard(s)
                     try:
@@ -1158,7 +1189,9 @@ class HTTPProxy:
                     except OSError:
                         pass
                     continue
+                moved[s] += len(data)
                 socks[s].send(data)
+        return moved[a.sock], moved[b.sock]
 
     # -- splicing ------------------------------------------------------------------------------
     def _splice_response(self, client: Conn, up: Conn, ex: Exchange, remaining: int | None,
@@ -1323,8 +1356,11 @@ class HTTPProxy:
         direction's tap sink (set after register, so before any byte is spliced; with
         --tap-dir both get the stream); it also sees what the drain moves.  UPLOAD: the
         message is the client's (a request body): the origin's early answer is kept for
-        the proxy, and a FIN after the body waits for the rebuilt socket."""
+        the proxy, and a FIN after the body waits for the rebuilt socket.  EX's access
+        line waits for the end of a pair the engine keeps with a direction spliced until
+        its FIN (a close-delimited body, a tunnel): `forget` counts those bytes."""
         csock, usock = client.sock, up.sock
+        until_fin = tuple(d for d in (C2S, S2C) if limits[d] is None) if ex is not None and not resume else ()
         (cloc, cpeer), (uloc, upeer) = client.addrs(), up.addrs()
         pair = Pair(Endpoint(socket.inet_aton(cpeer[0]), cpeer[1]), Endpoint(socket.inet_aton(cloc[0]), cloc[1]),
                     Endpoint(socket.inet_aton(uloc[0]), uloc[1]), Endpoint(socket.inet_aton(upeer[0]), upeer[1]))
@@ -1355,6 +1391,9 @@ class HTTPProxy:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, QUEUE_MARK)
             a = handoff.freeze(csock)
             b = handoff.freeze(usock)
+            if until_fin:
+                ex.deferred = True
+                self.deferred[id(pair)] = (ex, until_fin)
             self.runner.splice(pair, a, b, copied=copied, finished=finished, limits=limits, resume=resume,
                                end_fin=(False, False) if upload else (True, True))
         except http1.PeerError:
@@ -1365,6 +1404,8 @@ class HTTPProxy:
             raise
         except (OSError, ValueError, _Closed, handoff.HandoffError) as e:
             self.waiters.pop(id(pair), None)
+            if self.deferred.pop(id(pair), None) is not None:
+                ex.deferred = False
             self.counters["http.splice_fallback"] += 1
             log.warning("%s: hand-off failed (%s)", pair.describe(), e)
             if pair.state == 0:
@@ -1468,7 +1509,25 @@ class HTTPProxy:
         ev = self.waiters.get(id(pair))
         if ev is not None:
             ev.set()
+        deferred = self.deferred.pop(id(pair), None)
+        if deferred is not None:
+            self._log_spliced_until_fin(pair, *deferred)
         common.forget_pair(pair, self.ports, self.slots)
+
+    @staticmethod
+    def _log_spliced_until_fin(pair: Pair, ex: Exchange, until_fin: tuple[int, ...]) -> None:
+        """The access line of EX, whose directions UNTIL_FIN the engine spliced to their
+        end: their bytes from the hand-off on as the engine saw them.  One that did not
+        end with a FIN (a reset, the splice's idle timeout) was cut: aborted, as a copy
+        cut by the upstream would be."""
+        cut = False
+        for d in until_fin:
+            cut = cut or Engine.stream_length(pair, d) is None
+            if d == S2C:
+                ex.bytes_out += Engine.forwarded_length(pair, d)
+            else:
+                ex.bytes_in += Engine.forwarded_length(pair, d)
+        access.info(ex.line() + (" aborted (the splice ended without a FIN)" if cut else ""))
 
     # -- errors ----------------------------------------------------------------------------------
     def _refuse(self, client: Conn, ex: Exchange, status: int, reason: str) -> None:
