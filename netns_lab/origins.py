@@ -28,7 +28,9 @@ thread per connection, keep-alive and pipelining; the request path picks the beh
     /head-only/<n>            HEAD: headers announcing n bytes, no body; other methods 405
     /204, /304                no body (/304?cl=N adds Content-Length: N)
     /echo                     the request body back (CL or chunked request), with
-                              X-Body-SHA256 and X-Body-Length; ?discard=1: headers only
+                              X-Body-SHA256 and X-Body-Length; ?discard=1: headers only;
+                              ?ignore_expect=1: no 100 Continue to an Expect, the body is
+                              awaited (as many servers do)
     /expect                   "100 Continue" right after the request head, whether or not
                               it asked (?count=K sends K of them), then like /echo;
                               ?reject=1: 417 without reading the body, then close
@@ -65,7 +67,7 @@ Each such request is logged like any other, so `requests()` counts what reached 
 
 Any other method than HEAD is served alike; HEAD gets the head only on /len, /chunked,
 /close, /head-only, /204, /304, /echo.  A request carrying "Expect: 100-continue" and a
-body gets "100 Continue" before the origin reads the body.  Every response except
+body gets "100 Continue" before the origin reads the body (not with ?ignore_expect=1).  Every response except
 /bad carries X-Origin-Conn (connection number) and X-Origin-Seq (request number on it).
 
 Each request is logged to a JSON-lines file before the answer is sent (`requests()`):
@@ -688,7 +690,7 @@ class _Conn:
                 return "close"
             sent_100 = max(0, int(req.q("count", "1")))
             self.send(b"HTTP/1.1 100 Continue\r\n\r\n" * sent_100)
-        elif has_body and "100-continue" in req.tokens("expect"):
+        elif has_body and "100-continue" in req.tokens("expect") and not req.q("ignore_expect"):
             self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
             sent_100 = 1
         try:

@@ -120,6 +120,25 @@ def test_upload_with_expect_continue(env, port):
     assert " spliced " in procs[port].access_line(" POST /expect ")
 
 
+@pytest.mark.parametrize("port", [FAST, COPIED])
+def test_expect_continue_ignored_by_the_origin(env, port):
+    """The origin ignores Expect: 100-continue and waits for the body (as many servers
+    do): the proxy waits for its 100 only a moment, then forwards the body curl sends
+    after its own wait (1 s).  The body arrives whole, long before the response
+    timeout (60 s) would end the request with a 504."""
+    lab, so, _ngx, procs = env
+    path, digest = body_file(1 << 20, 12)
+    target = f"/echo?discard=1&ignore_expect=1&port={port}"
+    t0 = time.monotonic()
+    head = upload(lab, port, path, "-H", "Expect: 100-continue", "--expect100-timeout", "1", target=target)
+    took = time.monotonic() - t0
+    assert head.startswith("http/1.1 200") and f"x-body-sha256: {digest}" in head, head
+    got = [q for q in so.requests() if q["target"] == target]
+    assert [(q["body_length"], q["body_sha256"], q["sent_100"]) for q in got] == [(1 << 20, digest, 0)], got
+    assert took < 10, took
+    assert " 200 " in procs[port].access_line(f" POST {target} ")
+
+
 @pytest.mark.parametrize("port", [FAST, QUEUED])
 def test_upload_with_pipelined_request_behind_it(env, port):
     """The next request is written right behind the body, in the same segments: it is

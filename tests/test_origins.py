@@ -259,6 +259,12 @@ def test_expect_100_continue(lab, so):
                  so.url("/echo?discard=1"))
         assert time.monotonic() - t0 < 10 and p.returncode == 0
     assert so.requests()[-1]["sent_100"] == 1
+    # ?ignore_expect=1: no 100 Continue however long the client waits; the body, once
+    # sent, is read and answered
+    head = head.replace(b"/expect", b"/echo?ignore_expect=1")
+    r = O.raw_exchange(lab, [head, ("sleep", 1.5), b"hello"])
+    assert r.marks[1][1] == 0 and r.response().status == 200 and r.data.endswith(b"hello"), r.data
+    assert so.requests()[-1]["sent_100"] == 0
 
 
 @pytest.mark.root

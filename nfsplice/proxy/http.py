@@ -96,6 +96,11 @@ SO_RCVBUFFORCE = 33     # asm-generic/socket.h (CAP_NET_ADMIN: beyond net.core.r
 
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})   # RFC 9110 9.2.2
+# How long a request with Expect: 100-continue waits for the origin's 100 (or a final
+# answer) before its body goes on anyway: many origins ignore the expectation and wait
+# for the body, and a client SHOULD NOT wait indefinitely (RFC 9110 10.1.1).  curl's
+# default (--expect100-timeout).
+EXPECT_WAIT = 1.0
 
 
 @dataclass
@@ -921,11 +926,14 @@ class HTTPProxy:
             raise _Upstream(502, str(e)) from None
         resp = None
         if http1.expects_continue(req) and framing != ("none",):
-            resp = self._read_response(up, req)     # 100 Continue, or a final answer
-            if resp.status == 100:
+            # 100 Continue, or a final answer, or (None) neither within EXPECT_WAIT: the
+            # body goes on, when the client sends it (no 100 is made up for it: curl
+            # sends after its own wait, 1 s; the origin's late 100 is forwarded below).
+            resp = self._read_response(up, req, wait=EXPECT_WAIT)
+            if resp is not None and resp.status == 100:
                 client.send(http1.forwarding_head(resp, via=self.s.via))
                 resp = None
-            else:
+            elif resp is not None:
                 framing = ("unread",)
         if framing[0] == "length" and self._splices_upload(framing[1]):
             handed = self._splice_request(client, up, ex, framing[1])
@@ -1043,10 +1051,13 @@ class HTTPProxy:
             up.eof = True
         return not up.eof
 
-    def _read_response(self, up: Conn, req: http1.Request, retry: bool = False) -> http1.Response:
+    def _read_response(self, up: Conn, req: http1.Request, retry: bool = False,
+                       wait: float | None = None) -> http1.Response | None:
         """The next response head on UP.  RETRY: the request may be sent again, so an
-        end of the connection before any byte of an answer raises _Stale."""
-        deadline = time.monotonic() + self.s.timeouts.response
+        end of the connection before any byte of an answer raises _Stale.  WAIT: None
+        when no complete head came within WAIT seconds (what came stays in UP.buf)
+        instead of a 504 after the response timeout."""
+        deadline = time.monotonic() + (self.s.timeouts.response if wait is None else wait)
         while True:
             if up.buf:
                 res = http1.parse_response_head(up.buf, req.method, self.s.limits)
@@ -1060,10 +1071,14 @@ class HTTPProxy:
                 raise UpstreamError("closed before a complete response head")
             left = deadline - time.monotonic()
             if left <= 0:
+                if wait is not None:
+                    return None
                 raise _Upstream(504, "no response from the upstream in time")
             try:
                 up.fill(left)
             except _Timeout as e:
+                if wait is not None:
+                    return None
                 raise _Upstream(504, str(e)) from None
             except _Closed as e:
                 if retry and not up.buf:
