@@ -35,6 +35,7 @@ thread per connection, keep-alive and pipelining; the request path picks the beh
                               it asked (?count=K sends K of them), then like /echo;
                               ?reject=1: 417 without reading the body, then close
     /upgrade                  with "Upgrade: echo": 101, then echoes raw bytes until EOF
+                              (?force=1: 101 also to a request that did not ask)
     /truncate/<n>/<k>         Content-Length n, k < n bytes, then FIN
     /truncate-chunked/<n>[/<c>]  chunked body without its last-chunk, then FIN
     /reset-chunked/<n>[/<c>]  the same, then RST (once everything sent is acknowledged)
@@ -763,7 +764,7 @@ class _Conn:
             self.send(h if head_only else h + data)
             return fin
         if kind == "upgrade" and not args:
-            if "echo" not in req.tokens("upgrade"):
+            if "echo" not in req.tokens("upgrade") and not req.q("force"):
                 self.send(self.head(req, 426, [("Upgrade", "echo"), ("Connection", "Upgrade"),
                                                ("Content-Length", "0")], close))
                 return fin

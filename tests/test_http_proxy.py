@@ -434,6 +434,22 @@ def test_connect_tunnel_logged_with_mode_and_bytes(env, port):
             assert proc.stop() == 0, proc.text()
 
 
+@pytest.mark.parametrize("port", [SPLICED, COPIED])
+def test_unasked_101_answered_502(env, port):
+    """A 101 to a request that did not ask to upgrade: the origin would switch
+    protocols under a client that expects HTTP.  Nothing went to the client yet: a
+    502, and nothing of the origin's bytes after the 101."""
+    lab, so, _ngx, procs = env
+    target = f"/upgrade?force=1&port={port}"
+    res = raw_exchange(lab, [f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), ("sleep", 0.3), b"ping"],
+                       addr=PROXY, port=port, idle=2.0)
+    assert res.response().status == 502 and res.end in ("eof", "reset"), res.data[:300]
+    assert b"101" not in res.data.split(b"\r\n")[0] and b"ping" not in res.data, res.data
+    assert [q["target"] for q in so.requests()].count(target) == 1
+    f = access_fields(procs[port].access_line(f" GET {target} "))
+    assert f["status"] == 502 and "did not ask to upgrade" in f["rest"], f
+
+
 def test_nginx_origin_large_and_keepalive(env):
     lab, so, ngx, _procs = env
     big = ngx.add_file("big.bin", 32 << 20, seed=3)

@@ -277,6 +277,9 @@ def test_upgrade_echo(lab, so):
     assert r.data[resp.head_len:] == b"pingpong!"
     r = O.raw_request(lab, O.request_bytes("GET", "/upgrade", close=True))
     assert r.response().status == 426
+    r = O.raw_exchange(lab, [O.request_bytes("GET", "/upgrade?force=1"), ("until", b"\r\n\r\n"), b"ping",
+                             ("until", b"ping"), ("shutdown",)])
+    assert r.response().status == 101 and r.data.endswith(b"\r\n\r\nping") and r.end == "eof"
 
 
 # scripted origin: misbehaviour ---------------------------------------------------------------------

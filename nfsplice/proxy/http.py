@@ -953,6 +953,10 @@ class HTTPProxy:
             resp = self._read_response(up, req, retry)
             retry = False
         ex.upstream_ms = (time.monotonic() - t0) * 1000
+        if resp.status == 101 and not http1.is_upgrade(req):
+            # Before ex.status is set: nothing of this response went out, the client
+            # gets a 502 (not the reset that ends a response already begun).
+            raise UpstreamError("101 Switching Protocols to a request that did not ask to upgrade")
         ex.status = resp.status
         rframing = resp.body_framing(req.method)
         keep = (http1.keep_alive(req) and http1.keep_alive(resp) and framing != ("unread",))
@@ -960,8 +964,6 @@ class HTTPProxy:
         # not asked to close (an HTTP/1.0 request is forwarded as such, without
         # keep-alive) and the request body went out whole.
         reusable = http1.keep_alive(resp) and req.version == "HTTP/1.1" and framing != ("unread",)
-        if resp.status == 101 and not http1.is_upgrade(req):
-            raise UpstreamError("101 Switching Protocols to a request that did not ask to upgrade")
         if lk is not None and lk.on_head(resp, rframing, sent_at, time.time()):
             # The cache answers instead (a 304 to our validation, stale on error): a
             # response with a body is not read, so its connection is not reused.
