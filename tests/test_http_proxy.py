@@ -450,6 +450,36 @@ def test_unasked_101_answered_502(env, port):
     assert f["status"] == 502 and "did not ask to upgrade" in f["rest"], f
 
 
+def test_connect_to_reverse_proxy_refused_405(env):
+    """A reverse proxy's listener does not open tunnels: 405, and the origin never
+    hears of it."""
+    lab, so, _ngx, procs = env
+    before = len(so.requests())
+    target = f"{so.addr}:{so.port}"
+    res = raw_request(lab, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\nping".encode(),
+                      addr=PROXY, port=SPLICED, idle=2.0)
+    assert res.response().status == 405 and res.end in ("eof", "reset"), res.data[:300]
+    assert len(so.requests()) == before
+    f = access_fields(procs[SPLICED].access_line(f" CONNECT {target} "))
+    assert f["status"] == 405 and "CONNECT is for the forward proxy" in f["rest"], f
+
+
+def test_connect_that_cannot_connect_answered_502(env):
+    """An allowed CONNECT (port 443) to an address where nothing listens: 502 with the
+    reason, no tunnel, and the listener goes on serving."""
+    lab, so, _ngx, procs = env
+    target = "198.18.2.2:443"           # (the TLS test's s_server is gone by now)
+    res = raw_request(lab, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode(),
+                      addr=PROXY, port=FORWARD, idle=2.0)
+    assert res.response().status == 502 and res.end in ("eof", "reset"), res.data[:300]
+    assert b"Connection Established" not in res.data
+    line = procs[FORWARD].access_line(f" CONNECT {target} 502 ")
+    assert "Connection refused" in line, line
+    r = curl(lab, "-o", "/dev/null", "-w", "%{http_code}", "-x", f"http://{PROXY}:{FORWARD}",
+             f"http://{so.addr}:{so.port}/len/10")
+    assert r.stdout == b"200", (r.stdout, r.stderr)
+
+
 def test_nginx_origin_large_and_keepalive(env):
     lab, so, ngx, _procs = env
     big = ngx.add_file("big.bin", 32 << 20, seed=3)
