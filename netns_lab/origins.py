@@ -30,11 +30,13 @@ thread per connection, keep-alive and pipelining; the request path picks the beh
     /echo                     the request body back (CL or chunked request), with
                               X-Body-SHA256 and X-Body-Length; ?discard=1: headers only;
                               ?ignore_expect=1: no 100 Continue to an Expect, the body is
-                              awaited (as many servers do)
+                              awaited (as many servers do); ?hints=1: a 103 Early Hints
+                              right after the head of a request with Expect
     /expect                   "100 Continue" right after the request head, whether or not
                               it asked (?count=K sends K of them), then like /echo;
                               ?reject=1: 417 without reading the body, then close
     /upgrade                  with "Upgrade: echo": 101, then echoes raw bytes until EOF
+                              (?reset=1: a RST after echoing the first bytes)
                               (?force=1: 101 also to a request that did not ask)
     /truncate/<n>/<k>         Content-Length n, k < n bytes, then FIN
     /truncate-chunked/<n>[/<c>]  chunked body without its last-chunk, then FIN
@@ -691,9 +693,12 @@ class _Conn:
                 return "close"
             sent_100 = max(0, int(req.q("count", "1")))
             self.send(b"HTTP/1.1 100 Continue\r\n\r\n" * sent_100)
-        elif has_body and "100-continue" in req.tokens("expect") and not req.q("ignore_expect"):
-            self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-            sent_100 = 1
+        elif has_body and "100-continue" in req.tokens("expect"):
+            if req.q("hints"):
+                self.send(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+            if not req.q("ignore_expect"):
+                self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                sent_100 = 1
         try:
             body = self.read_body(req, keep=kind in ("echo", "expect") and not req.q("discard"))
         except _Bad as e:
@@ -780,6 +785,9 @@ class _Conn:
                 if not data:
                     break
                 self.send(data)
+                if req.q("reset"):
+                    self.reset()
+                    return "done"
             return "close"
         if kind == "truncate" and need(2) and nums[1] <= nums[0]:
             n, k = nums

@@ -2,6 +2,8 @@
 spliced and copied.  (Truncations, resets and malformed bodies: test_http_proxy.)"""
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from netns_lab.origins import parse_response, raw_exchange, stream_bytes
 from tests import test_http_proxy
 from tests.splicer import instance_stats, socket_counters
-from tests.test_http_proxy import COPIED, PROXY, SPLICED, HTTPProxyProc, curl
+from tests.test_http_proxy import COPIED, PROXY, SPLICED, HTTPProxyProc, curl, sha
 
 pytestmark = pytest.mark.root
 env = test_http_proxy.env       # its fixture: the lab, the scripted origin, both listeners
@@ -86,3 +88,41 @@ def test_origin_stalling_mid_body_leaves_client_truncated(quick, port):
     assert (" spliced" if port == QUICK_SPLICED else " copied") in line, line
     if port == QUICK_SPLICED:
         assert st.get("pairs.reset_by_engine.inactivity", 0) >= 1, {k: v for k, v in st.items() if "reset" in k or "forgot" in k}
+
+
+@pytest.mark.parametrize("port", [SPLICED, COPIED])
+def test_tunnel_reset_by_the_origin_resets_the_client(env, port):
+    """A 101 tunnel whose origin resets it after echoing a first message: the client
+    gets the echo, then a reset, never a FIN (which would look like the tunnel's clean
+    end).  Spliced, the engine passes the origin's RST on; copied, the proxy closes the
+    client's side with SO_LINGER 0."""
+    lab, _so, _ngx, _procs = env
+    req = f"GET /upgrade?reset=1&t={port} HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n"
+    payload = b"m" * 5000
+    res = raw_exchange(lab, [req.encode(), ("until", b"\r\n\r\n"), ("send", payload)], addr=PROXY, port=port,
+                       idle=5.0)
+    resp = res.response()
+    assert resp.status == 101, res.data[:300]
+    assert res.data[resp.head_len:] == payload and res.end == "reset", (res.end, len(res.data))
+
+
+@pytest.mark.parametrize("port", [SPLICED, COPIED])
+def test_early_hints_while_waiting_for_100_continue(env, port):
+    """The origin answers an Expect: 100-continue with a 103 Early Hints and then waits
+    for the body without a 100: the 103 is passed on and the body still goes to the
+    origin after the proxy's short wait (a 1xx is not the final answer)."""
+    lab, so, _ngx, _procs = env
+    body = stream_bytes(200000, seed=7)
+    path = os.path.join(tempfile.mkdtemp(), "body.bin")
+    with open(path, "wb") as f:
+        f.write(body)
+    target = f"/echo?discard=1&ignore_expect=1&hints=1&p={port}"
+    t0 = time.monotonic()
+    r = curl(lab, "-D", "-", "-o", "/dev/null", "-H", "Expect: 100-continue", "--expect100-timeout", "1",
+             "--data-binary", f"@{path}", f"http://{PROXY}:{port}{target}")
+    took = time.monotonic() - t0
+    heads = r.stdout.decode(errors="replace")
+    assert r.returncode == 0 and "HTTP/1.1 103" in heads and "HTTP/1.1 200" in heads, (heads, r.stderr)
+    got = [q for q in so.requests() if q["target"] == target]
+    assert [(q["body_length"], q["body_sha256"]) for q in got] == [(len(body), sha(body))], got
+    assert took < 10, took

@@ -929,11 +929,18 @@ class HTTPProxy:
             # 100 Continue, or a final answer, or (None) neither within EXPECT_WAIT: the
             # body goes on, when the client sends it (no 100 is made up for it: curl
             # sends after its own wait, 1 s; the origin's late 100 is forwarded below).
-            resp = self._read_response(up, req, wait=EXPECT_WAIT)
-            if resp is not None and resp.status == 100:
+            # Other interim answers (102, 103 Early Hints) are passed on and the wait
+            # goes on: only a final answer (or a 101) means the body is not wanted.
+            until = time.monotonic() + EXPECT_WAIT
+            while True:
+                resp = self._read_response(up, req, wait=max(0.0, until - time.monotonic()))
+                if resp is None or not 100 <= resp.status < 200 or resp.status == 101:
+                    break
                 client.send(http1.forwarding_head(resp, via=self.s.via))
-                resp = None
-            elif resp is not None:
+                if resp.status == 100:
+                    resp = None
+                    break
+            if resp is not None:
                 framing = ("unread",)
         if framing[0] == "length" and self._splices_upload(framing[1]):
             handed = self._splice_request(client, up, ex, framing[1])
@@ -1198,6 +1205,9 @@ class HTTPProxy:
                 try:
                     data = s.recv(RECV)
                 except OSError:
+                    # A reset (or another failure) on one side: the other side's close
+                    # resets it too, not a FIN that would look like the stream's end.
+                    _reset_on_close(socks[s].sock)
                     return moved[a.sock], moved[b.sock]
                 if not data:
                     open_.discard(s)
@@ -1807,9 +1817,14 @@ def _close(sock: socket.socket) -> None:
         pass
 
 
-def _abort(sock: socket.socket) -> None:
+def _reset_on_close(sock: socket.socket) -> None:
+    """SO_LINGER 0: closing SOCK sends a RST, not a FIN."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
     except OSError:
         pass
+
+
+def _abort(sock: socket.socket) -> None:
+    _reset_on_close(sock)
     _close(sock)
