@@ -468,6 +468,7 @@ class HTTPProxy:
                     else:
                         # Headers already went out: the client must see a truncated
                         # message, never a complete-looking one.
+                        ex.bytes_out += e.copied
                         access.info(ex.line() + f" aborted ({e.reason})")
                         _abort(client.sock)
                     return
@@ -1119,7 +1120,7 @@ class HTTPProxy:
     def _truncated(self, src: Conn, upstream: bool, got: int, n: int):
         self.counters["http.truncated_bodies"] += 1
         if upstream:
-            raise _Upstream(502, f"{src.name} ended the body after {got} of {n} bytes")
+            raise _Upstream(502, f"{src.name} ended the body after {got} of {n} bytes", copied=got)
         raise _Closed(f"{src.name} ended the body after {got} of {n} bytes")
 
     def _copy_chunked(self, src: Conn, dst: Conn, upstream: bool, tee=None) -> int:
@@ -1145,7 +1146,7 @@ class HTTPProxy:
                 src.fill(self.s.timeouts.response)
             except _Closed as e:
                 self.counters["http.truncated_bodies"] += 1
-                raise _Upstream(502, f"{e} after {total} bytes of a body ending at the close") from None
+                raise _Upstream(502, f"{e} after {total} bytes of a body ending at the close", copied=total) from None
 
     # -- CONNECT and tunnels -----------------------------------------------------------------
     def _connect(self, client: Conn, req: http1.Request, addr, ex: Exchange) -> bool:
@@ -1627,10 +1628,11 @@ class HTTPService:
 class _Upstream(Exception):
     """The upstream failed (refused, timed out, vanished): 502 or 504."""
 
-    def __init__(self, status: int, reason: str):
+    def __init__(self, status: int, reason: str, copied: int = 0):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.copied = copied        # body bytes the client got before it failed
 
 
 class _ConnectFailed(_Upstream):
