@@ -103,3 +103,28 @@ def test_close_delimited_response_says_close(env, port):
     assert res.end == "eof", res.end
     line = procs[port].access_line(f" GET {target} ")
     assert (" spliced " if port == SPLICED else " copied ") in line, line
+
+
+@pytest.mark.parametrize("port", [SPLICED, COPIED])
+@pytest.mark.parametrize("size", [1000, BIG])
+def test_origin_closing_after_a_copied_response_keeps_the_client(env, port, size):
+    """An origin that answers Connection: close ends its own hop: a copied response goes
+    to the client without it and the client's next (pipelined) request is answered on
+    the same connection, from a new upstream connection.  A spliced one passes the
+    close on: the client is told, and its pipelined request is not answered there."""
+    lab, _so, _ngx, _procs = env
+    first = f"GET /len/{size}?oc={port}&hdr={quote('Connection: close')} HTTP/1.1\r\nHost: x\r\n\r\n"
+    second = f"GET /len/700?after-oc={port}-{size} HTTP/1.1\r\nHost: x\r\n\r\n"
+    res = raw_request(lab, (first + second).encode(), addr=PROXY, port=port, idle=1.5)
+    resp = res.response()
+    assert resp.status == 200, res.data[:300]
+    end = resp.head_len + size
+    assert res.data[resp.head_len:end] == stream_bytes(size)
+    if port == SPLICED and size == BIG:
+        # (The connection then ends when one side closes: this origin does not.)
+        assert "close" in _tokens(resp.get("connection")) and len(res.data) == end, res.data[end:][:300]
+        return
+    assert "close" not in _tokens(resp.get("connection")), resp.headers
+    nxt = parse_response(res.data, end)
+    assert nxt.status == 200 and res.data[end + nxt.head_len:] == stream_bytes(700), res.data[end:][:300]
+    assert res.end == "idle", res.end

@@ -967,7 +967,8 @@ class HTTPProxy:
             raise UpstreamError("101 Switching Protocols to a request that did not ask to upgrade")
         ex.status = resp.status
         rframing = resp.body_framing(req.method)
-        keep = (http1.keep_alive(req) and http1.keep_alive(resp) and framing != ("unread",))
+        client_keep = http1.keep_alive(req) and framing != ("unread",)
+        keep = client_keep and http1.keep_alive(resp)
         # The upstream connection outlives the exchange if the origin keeps it and was
         # not asked to close (an HTTP/1.0 request is forwarded as such, without
         # keep-alive) and the request body went out whole.
@@ -981,6 +982,13 @@ class HTTPProxy:
         splice = (self.runner is not None and self.s.splice and (lk is None or not lk.background) and
                   (rframing[0] in ("close", "tunnel") or
                    rframing[0] == "length" and rframing[1] >= self.s.threshold))
+        if client_keep and not keep and not splice and rframing[0] in ("length", "none"):
+            # The origin closes its connection after this response (Connection: close,
+            # an HTTP/1.0 origin): that ends its hop only, the client's connection goes
+            # on (as with HAProxy and nginx).  Not where the body may be spliced (also
+            # a chunked one, later): the origin's FIN would reach the client through
+            # the engine right after the body, without a Connection: close before it.
+            keep = True
         # A body of known length is spliced and the connections taken back after it
         # (sockets rebuilt with TCP_REPAIR), so keep-alive survives the splice.
         resume = splice and rframing[0] == "length" and keep and self.s.resume
