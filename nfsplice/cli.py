@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--connect-timeout", type=float, default=5.0, help="upstream connect [%(default)s] s")
     h.add_argument("--response-timeout", type=float, default=60.0, help="upstream response [%(default)s] s")
     h.add_argument("--max-header-bytes", type=size, default="32KiB", help="[%(default)s]")
+    h.add_argument("--max-header-fields", type=int, default=100,
+                   help="field lines in a head or a trailer section; more: 431 [%(default)s]")
     h.add_argument("--pool-size", type=int, default=32,
                    help="idle upstream connections kept per upstream address [%(default)s]")
     h.add_argument("--pool-idle-timeout", type=float, default=30.0,

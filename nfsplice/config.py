@@ -13,6 +13,7 @@ overrides them for its listener.  Only --listen and --upstream cannot go with --
     splice_threshold = "64KiB"                 # --splice-threshold; sizes: 65536, "64KiB", "1MiB"
     splice_chunk = "8MiB"                      # --splice-chunk
     max_header_bytes = "32KiB"                 # --max-header-bytes
+    max_header_fields = 100                    # --max-header-fields
     max_connections = 4096                     # --max-connections
     connect_ports = [443]                      # --connect-ports (forward proxy, CONNECT)
     ports = "61000-61999"                      # --ports: each listener its own range
@@ -162,6 +163,7 @@ LISTENER_KEYS = {
     "splice_threshold": lambda s, v, w: {"threshold": parse_size(v)},
     "splice_chunk": lambda s, v, w: {"chunk_threshold": parse_size(v)},
     "max_header_bytes": lambda s, v, w: _max_header_bytes(s, parse_size(v)),
+    "max_header_fields": lambda s, v, w: {"limits": dataclasses.replace(s.limits, max_fields=_integer(v, 1))},
     "max_connections": lambda s, v, w: {"max_connections": _integer(v, 1)},
     "connect_ports": lambda s, v, w: {"connect_ports": _ports(v)},
     "ports": lambda s, v, w: {"ports": port_range(_string(v), w)},

@@ -195,6 +195,8 @@ def _http_defaults(args):
         raise UsageError("--pool-idle-timeout must be more than 0 seconds")
     if args.max_header_bytes < 1:
         raise UsageError("--max-header-bytes must be 1 or more")
+    if args.max_header_fields < 1:
+        raise UsageError("--max-header-fields must be 1 or more")
     if args.cache_size < 1:
         raise UsageError("--cache-size must be 1 byte or more")
     from .cache.layer import parse_networks
@@ -204,7 +206,7 @@ def _http_defaults(args):
         raise UsageError(f"--purge-from: {e}") from None
     return Settings(splice=not args.no_splice, threshold=args.splice_threshold,
                     chunk_threshold=args.splice_chunk, connect_ports=connect_ports,
-                    limits=http1.Limits(max_head_bytes=args.max_header_bytes),
+                    limits=http1.Limits(max_head_bytes=args.max_header_bytes, max_fields=args.max_header_fields),
                     timeouts=Timeouts(header=args.header_timeout, idle=args.keepalive_timeout,
                                       connect=args.connect_timeout, response=args.response_timeout,
                                       pool_idle=args.pool_idle_timeout),

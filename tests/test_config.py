@@ -51,6 +51,7 @@ FULL = """\
     splice = true
     splice_threshold = "1MiB"
     max_header_bytes = "16KiB"
+    max_header_fields = 50
     max_connections = 100
     connect_ports = [443, 8443]
     ports = "61000-61999"
@@ -77,6 +78,7 @@ def test_full_file(tmp_path):
     assert a.listen == ("198.18.1.1", 8080)
     assert a.upstreams == (("198.18.2.2", 8000), ("198.18.2.3", 8000))
     assert a.splice and a.threshold == 1 << 20 and a.limits.max_head_bytes == 16 << 10
+    assert a.limits.max_fields == 50 and b.limits.max_fields == Settings().limits.max_fields
     assert a.max_connections == 100 and a.connect_ports == {443, 8443}
     assert a.ports == (61000, 61999) and a.source == "198.18.2.1"
     assert a.pool_size == 4 and a.down_time == 2.5
@@ -207,6 +209,10 @@ MISTAKES = [
      "listener[1].ports: expected LOW-HIGH, got 'many'"),
     ('[[listener]]\nlisten = "198.18.1.1:8080"\nmax_header_bytes = 0\n', 3,
      "listener[1].max_header_bytes: expected 1 or more bytes, got 0"),
+    ('[[listener]]\nlisten = "198.18.1.1:8080"\nmax_header_fields = 0\n', 3,
+     "listener[1].max_header_fields: expected 1 or more, got 0"),
+    ('[[listener]]\nlisten = "198.18.1.1:8080"\nmax_header_fields = "20"\n', 3,
+     "listener[1].max_header_fields: expected an integer, got '20'"),
     ('# nothing\n\n[[listener]]\nsplice = false\n', 3, 'listener[1]: no listen = "ADDRESS:PORT"'),
     ('[[listener]]\nlisten = "198.18.1.1:8080"\nports = "61000-61999"\n\n[[listener]]\nports = "62000-62999"\n'
      'listen = "198.18.1.1:8080"\n', 7, "listener[2].listen: listener[1] listens on 198.18.1.1:8080 already"),
@@ -267,6 +273,34 @@ def test_sizes_on_the_command_line():
                          "--max-header-bytes", "16KiB"])
     assert (args.splice_threshold, args.max_header_bytes) == (1 << 20, 16 << 10)
     assert p.parse_args(["http", "--listen", "198.18.1.1:8080"]).splice_threshold == 2 << 20
+
+
+def test_max_header_fields_on_the_command_line_and_in_the_file(tmp_path, capsys):
+    """--max-header-fields is every listener's field-line limit; a listener's
+    max_header_fields overrides it, and max_header_bytes leaves it alone."""
+    from nfsplice.service import _http_defaults
+    args = cli.build_parser().parse_args(["http", "--max-header-fields", "20", "--max-header-bytes", "16KiB"])
+    defaults = _http_defaults(args)
+    assert (defaults.limits.max_fields, defaults.limits.max_head_bytes) == (20, 16 << 10)
+    assert cli.build_parser().parse_args(["http"]).max_header_fields == Settings().limits.max_fields
+    (a, b), _ = load(tmp_path, """\
+        [[listener]]
+        listen = "198.18.1.1:8080"
+        ports = "61000-61099"
+        max_header_fields = 10
+        max_header_bytes = "8KiB"
+
+        [[listener]]
+        listen = "198.18.1.1:8081"
+        ports = "61100-61199"
+        """, defaults)
+    assert (a.limits.max_fields, a.limits.max_head_bytes) == (10, 8 << 10)
+    assert (b.limits.max_fields, b.limits.max_head_bytes) == (20, 16 << 10)
+    assert cli.main(["http", "--listen", "198.18.1.1:8080", "--max-header-fields", "0", "--no-splice"]) == 2
+    assert "--max-header-fields must be 1 or more" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["http", "--max-header-fields", "many"])
+    assert "--max-header-fields: invalid int value: 'many'" in capsys.readouterr().err
 
 
 def test_bad_size_on_the_command_line(capsys):
