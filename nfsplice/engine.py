@@ -158,6 +158,9 @@ class Pair:
     end_acked: list = field(default_factory=lambda: [False, False])
     message_done: float | None = None  # when the receivers acknowledged every message end
     overrun: bool = False              # a sender went past its message end
+    # Reset here while a receiver may have missed its RST (_reset_both, STALLED): what
+    # either side still sends is answered with a RST at its ack.
+    answer_rst: bool = False
     resumable: bool = False            # at the message end the proxy takes both connections back
     resuming: bool = False             # ... and is doing so: every packet is held meanwhile
     spliced_at: float = 0.0
@@ -326,6 +329,12 @@ class Engine:
             pair.held.append(Held(handle, bytearray(buf), csum_partial, d))
             c["held.resuming"] += 1
             return Decision.HOLD
+        if pair.answer_rst and v.flags & (ACK | RST) == ACK:
+            # The ack of a segment sent after the reset is where its sender's window
+            # starts: a RST there it takes (RFC 5961 3.2), as from a closed socket.
+            self.injected.append(packet.build(v.dst, v.src, v.dport, v.sport, v.ack, 0, RST, window=0))
+            c["injected.rst_answer"] += 1
+            return Decision.DROP
         broken = pair.follow[d] is not None and self._follow(pair, d, v)
         end = pair.end_seq[d]
         if (pair.resumable and end is not None and pair.end_final[d] and v.payload_len
@@ -905,7 +914,7 @@ class Engine:
                 # Packets may still pass (zero-window probes, ACKs) but no byte moved:
                 # the pair must not be held forever.  A RST each way; the client sees a
                 # truncated message.
-                self._reset_both(pair, "inactivity")
+                self._reset_both(pair, "inactivity", stalled=True)
             elif pair.resumable and pair.message_done is None:
                 if now - pair.last_seen > self.idle_timeout:
                     self._forget(pair, "idle_timeout")
@@ -972,8 +981,10 @@ class Engine:
         self._forget(pair, None)
         return out
 
-    def _reset_both(self, pair: Pair, why: str) -> None:
-        """End a spliced pair with a RST to each side, in each side's sequence space."""
+    def _reset_both(self, pair: Pair, why: str, stalled: bool = False) -> None:
+        """End a spliced pair with a RST to each side, in each side's sequence space.
+        STALLED: a receiver may not have taken what was sent; each RST is followed by
+        an ACK, whose answer gets the receiver reset all the same (below)."""
         for d in (C2S, S2C):
             tr = pair.tr[d]
             st = pair.frozen[1] if d == C2S else pair.frozen[0]   # the socket we pose as
@@ -988,8 +999,16 @@ class Engine:
             rst_seq = seq.add(nxt, tr.seq_delta) if nxt is not None else st.snd_seq
             self.injected.append(packet.build(tr.src, tr.dst, tr.sport, tr.dport, rst_seq, 0, RST,
                                               window=0))
+            if stalled and pair.next_seq[1 - d] is not None:
+                # A receiver that has not taken every byte sent (a client that reads
+                # nothing: its window closed) drops that RST, outside its window.  This
+                # ACK at the same seq makes it answer with a duplicate ACK at its window's
+                # start, which `process` answers with the RST it takes (answer_rst).
+                self.injected.append(packet.build(tr.src, tr.dst, tr.sport, tr.dport, rst_seq,
+                                                  pair.next_seq[1 - d], ACK, window=0))
         self.counters["pairs.reset_by_engine." + why] += 1
         pair.reset = True
+        pair.answer_rst = pair.answer_rst or stalled
         self._closing(pair)
         pair.closing_since = self.clock() if pair.closing_since is None else pair.closing_since
 

@@ -299,6 +299,7 @@ def test_inactivity_resets_a_pair_whose_bytes_stopped():
                                Endpoint(SERVER, 8000)), now=0.0)
     eng.splice(moving, A, B)
     eng.injected.clear()
+    eng.process(memoryview(from_server(70000, 5000, payload=b"x" * 3000)), now=0.5)   # never taken
     for t in range(1, 9):
         clock[0] = float(t)
         zero = P.build(CLIENT, PA, 40000, 8080, 5000, 1000, P.ACK, window=0)
@@ -308,8 +309,18 @@ def test_inactivity_resets_a_pair_whose_bytes_stopped():
         eng.tick(now=clock[0])
     assert eng.counters["pairs.reset_by_engine.inactivity"] == 1
     assert stuck.reset and not moving.reset
-    rsts = [IP(bytes(p)) for p in eng.injected]
-    assert {(r.dst, r[TCP].flags.R) for r in rsts} == {("198.18.1.2", 1), ("198.18.2.2", 1)}
+    sent = [IP(bytes(p)) for p in eng.injected]
+    assert [(r.dst, str(r[TCP].flags)) for r in sent] == [("198.18.2.2", "R"), ("198.18.2.2", "A"),
+                                                          ("198.18.1.2", "R"), ("198.18.1.2", "A"),
+                                                          ("198.18.1.2", "R"), ("198.18.1.2", "R")]
+    # Each RST at the highest seq sent, then an ACK at it: a receiver whose window
+    # closed before that (the client here: it took none of the 3,000 bytes) drops the
+    # RST but answers the ACK with one at its window's start.  What the client sends
+    # after the reset (its ACKs at t = 7 and 8) is answered with a RST there, at 1000.
+    assert [(r[TCP].seq, r[TCP].ack) for r in sent] == [(90000, 0), (90000, 73000), (4000, 0), (4000, 5000),
+                                                        (1000, 0), (1000, 0)]
+    assert {(r.src, r[TCP].sport) for r in sent[2:]} == {("198.18.1.1", 8080)}
+    assert eng.counters["injected.rst_answer"] == 2
 
 
 def test_inactivity_reset_before_any_spliced_byte_is_in_the_receivers_window():
