@@ -412,19 +412,25 @@ class Runner:
         return out
 
     def write_stats(self) -> None:
-        try:
-            os.makedirs(os.path.dirname(self.stats_path), exist_ok=True)
-            tmp = self.stats_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.stats(), f, indent=1, sort_keys=True)
-            os.replace(tmp, self.stats_path)
-        except OSError:
-            pass
+        write_stats_file(self.stats_path, self.stats())
 
     def shutdown(self) -> None:
         self.stop.set()
         for t in getattr(self, "threads", []):
             t.join(5)
+
+
+def write_stats_file(path: str, stats: dict) -> None:
+    """Replace PATH (what `nfsplice stats` reads) with STATS at once; a directory that
+    cannot be written (not root) is no error."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(stats, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 # -- the clone tap ---------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def run_http(args) -> int:
     if not any(s.splice for s in listeners):
         # The baseline: the same proxy copying every byte, no rules, no engine.
         caches = _open_caches(listeners)
-        return _serve_plain(args, HTTPService(listeners, caches=caches), label, what)
+        return _serve_plain(args, HTTPService(listeners, caches=caches), instance, label, what)
     _need_root("http")
     need: dict[str, str] = {}
     for s in listeners:
@@ -258,19 +258,41 @@ def _ready(args) -> None:
             f.write(f"{os.getpid()}\n")
 
 
-def _serve_plain(args, proxy, listen: str, what: str) -> int:
+def _serve_plain(args, proxy, instance: str, listen: str, what: str) -> int:
+    """The copying proxy alone (no queue, engine or rules); its counters go to the
+    instance's stats file every second and at the end, like a runner's."""
+    import time
+    from .runner import STATS_DIR, write_stats_file
+    path = os.path.join(STATS_DIR, f"{instance}.json")
+    started = time.time()
+
+    def write_stats() -> None:
+        now = time.time()
+        write_stats_file(path, {"instance": instance, "pid": os.getpid(), "time": now,
+                                "uptime": round(now - started, 1), **proxy.counters})
+
+    def stats_loop() -> None:
+        while not stop.wait(1.0):
+            write_stats()
     stop = threading.Event()
     old_handlers = _signals(stop)
+    writer = threading.Thread(target=stats_loop, daemon=True)
     try:
         try:
             proxy.open()
         except OSError as e:
             raise UsageError(f"{listen}: {e.strerror}") from None
         log.info("%s", what)
+        write_stats()
+        writer.start()
         _ready(args)
         proxy.serve(stop)
     finally:
+        stop.set()
         proxy.close()
+        if writer.ident is not None:            # (started: the proxy listened)
+            writer.join(5)          # (one writer at a time: they share the temporary file)
+            write_stats()
         for s, h in old_handlers.items():
             signal.signal(s, h)
         log.info("exit: %s", " ".join(f"{k}={v}" for k, v in sorted(proxy.counters.items())))
