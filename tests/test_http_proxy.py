@@ -7,6 +7,7 @@ says which were spliced; faults must leave the client with a visibly truncated m
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -144,8 +145,8 @@ def test_bodies_exact(env, port, path):
 def test_small_response_goes_out_in_one_write(env):
     """A body that arrives with its head (the scripted origin sends both in one write)
     leaves in the same write as the forwarded head: one segment to the client, not
-    two (with TCP_NODELAY each send is a segment).  Bodies exact, counted (a --no-splice
-    listener takes the same path but writes no counters)."""
+    two (with TCP_NODELAY each send is a segment).  Bodies exact, counted (the --no-splice
+    listener takes the same path, its process counting in a stats file of its own)."""
     lab, _so, _ngx, procs = env
     port, instance = SPLICED, "hpx-spliced"
     before = instance_stats(instance, time.time()).get("http.one_write_responses", 0)
@@ -498,7 +499,6 @@ def test_nginx_origin_large_and_keepalive(env):
 
 def test_nothing_left_after_requests(env):
     lab, _so, _ngx, procs = env
-    import json
     deadline = time.monotonic() + 10     # linger (1 s) and the stats interval
     while True:
         with open("/run/nfsplice/hpx-spliced.json") as f:
@@ -542,34 +542,66 @@ def test_pipelined_requests_answered_in_order(env, port):
 
 
 SLOWLORIS = r"""
-import socket, sys, time
-n = int(sys.argv[1])
-socks = []
+import json, selectors, socket, sys, time
+addr, port, n, watch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+mute = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+sel = selectors.DefaultSelector()
 for i in range(n):
-    s = socket.socket()
-    s.setblocking(True)
-    s.connect(("198.18.1.1", 8080))
-    s.send(b"GET /len/1 HTTP/1.1\r\nHost: x\r\n")      # and never the end of the head
-    socks.append(s)
-print("open", len(socks), flush=True)
-time.sleep(float(sys.argv[2]))
+    s = socket.create_connection((addr, port))
+    if i >= mute:                          # (the first MUTE send nothing at all)
+        s.send(b"GET /len/1 HTTP/1.1\r\nHost: x\r\n")      # and never the end of the head
+    sel.register(s, selectors.EVENT_READ, [time.monotonic(), 0])
+print("open", n, flush=True)
+# How each connection ends: [seconds after it began, "eof" or "reset", bytes received].
+ends = []
+deadline = time.monotonic() + watch
+while len(ends) < n and time.monotonic() < deadline:
+    for key, _ in sel.select(0.1):
+        began_got = key.data
+        try:
+            data = key.fileobj.recv(65536)
+        except ConnectionResetError:
+            data, how = None, "reset"
+        else:
+            how = "eof"
+        if data:
+            began_got[1] += len(data)
+            continue
+        ends.append([time.monotonic() - began_got[0], how, began_got[1]])
+        sel.unregister(key.fileobj)
+        key.fileobj.close()
+print(json.dumps(ends), flush=True)
 """
+
+
+def slowloris_ends(proc) -> list:
+    """What SLOWLORIS (running as PROC) printed once it stopped watching: how each
+    connection that ended did (those still open are not listed)."""
+    return json.loads(proc.stdout.readline())
 
 
 def test_slowloris_does_not_stop_a_normal_client(env):
     """1,000 connections that never finish their request head: a normal client is still
-    served at once; the header timeout then closes them (10 s by default)."""
+    served at once; the header timeout then closes them all (10 s by default), not
+    before, without an answer."""
     lab, so, _ngx, procs = env
-    slow = lab.popen(lab.client, sys.executable, "-c", SLOWLORIS, "1000", "15", stdout=subprocess.PIPE)
+    n, timeout = 1000, 10.0
+    slow = lab.popen(lab.client, sys.executable, "-c", SLOWLORIS, PROXY, str(SPLICED), str(n), str(timeout + 4),
+                     stdout=subprocess.PIPE)
     try:
-        assert slow.stdout.readline().startswith(b"open 1000")
+        assert slow.stdout.readline() == f"open {n}\n".encode()
         t0 = time.monotonic()
         r = curl(lab, "-o", "-", f"http://{PROXY}:{SPLICED}/len/1048576")
         assert r.returncode == 0 and sha(r.stdout) == expected_sha256("/len/1048576"), r.stderr
         assert time.monotonic() - t0 < 5
+        ends = slowloris_ends(slow)
     finally:
         slow.kill()
         slow.wait()
+    assert len(ends) == n, f"{n - len(ends)} of {n} still open {timeout + 4} s after their half head"
+    assert {(how, got) for _t, how, got in ends} == {("eof", 0)}, ends[:5]
+    times = sorted(t for t, _how, _got in ends)
+    assert timeout - 0.05 <= times[0] and times[-1] <= timeout + 2.5, (times[0], times[-1])
 
 
 # -- several listeners from a config file, upstream groups, the connection pool -------------
