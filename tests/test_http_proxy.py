@@ -165,20 +165,28 @@ def test_small_response_goes_out_in_one_write(env):
 @pytest.mark.parametrize("port", [SPLICED, COPIED])
 def test_keepalive_sequence_of_mixed_sizes(env, port):
     """One client connection, responses of mixed sizes: the next response's head is
-    never taken for body (every body exact), and a spliced one closes the connection."""
-    lab, so, _ngx, _procs = env
-    paths = ["/len/100", "/len/2000", "/len/300000", "/len/10", "/chunked/70000/1000", "/len/1048576", "/len/5"]
+    never taken for body (every body exact), and the connection carries them all, the
+    spliced ones too (both sockets are rebuilt after a spliced body)."""
+    lab, so, _ngx, procs = env
+    # (16 MiB never reaches the proxy whole before the hand-off: spliced for sure.)
+    paths = ["/len/100", "/len/2000", "/len/300000", "/len/10", "/chunked/70000/1000", "/len/16777216?mixed=1",
+             "/len/5"]
     args = []
     for p in paths:
         args += ["-o", "-", f"http://{PROXY}:{port}{p}"]
-    r = curl(lab, *args)
+    r = curl(lab, "-w", "%{num_connects}", *args)
     assert r.returncode == 0, r.stderr
     off = 0
+    counts = []
     for p in paths:
         n = expected_length(p)
         assert sha(r.stdout[off:off + n]) == expected_sha256(p), p
-        off += n
+        counts.append(r.stdout[off + n:off + n + 1])
+        off += n + 1
     assert off == len(r.stdout)
+    assert counts == [b"1"] + [b"0"] * (len(paths) - 1), counts       # one connection for all
+    line = procs[port].access_line(" GET /len/16777216?mixed=1 ")
+    assert (" spliced " if port == SPLICED else " copied ") in line, line
 
 
 def test_keepalive_survives_spliced_bodies(env):
@@ -286,6 +294,11 @@ def test_bad_responses(env, case, port):
         assert r.returncode == 0 and "X-Folded: first second" in out, out
     else:
         assert out.endswith("502"), (case, out, r.stderr)
+        # ... and the client connection closes after the 502 (a kept-alive request would
+        # otherwise wait for the idle timeout).
+        res = raw_request(lab, f"GET /bad/{case} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), addr=PROXY, port=port,
+                          idle=2.0)
+        assert res.response().status == 502 and res.end in ("eof", "reset"), (res.end, res.data[:300])
 
 
 BAD_REQUESTS = {
@@ -378,8 +391,10 @@ def test_forward_proxy_absolute_form(env):
 def test_upgrade_101_turns_into_a_tunnel(env, port):
     """After a 101 both directions are raw (spliced or copied); the access line says
     which, with the tunnel's bytes: in, what the client sent after its request head;
-    out, everything it received (the 101 head and the echo)."""
+    out, everything it received (the 101 head and the echo).  The splicing listener's
+    engine counts the pair."""
     lab, so, _ngx, procs = env
+    before = instance_stats("hpx-spliced", time.time())
     target = f"/upgrade?tunnel={port}"
     req = f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n".encode()
     payload = os.urandom(1 << 20)
@@ -392,6 +407,8 @@ def test_upgrade_101_turns_into_a_tunnel(env, port):
     want = "spliced" if port == SPLICED else "copied"
     assert (f["status"], f["mode"], f["in"], f["out"]) == (101, want, len(payload), len(res.data)), f
     assert "aborted" not in f["rest"], f
+    after = instance_stats("hpx-spliced", time.time())
+    assert grew(before, after, "http.spliced") == (port == SPLICED), socket_counters(after)
 
 
 def test_close_delimited_spliced_body_logged_with_its_bytes(env):
@@ -497,24 +514,62 @@ def test_nginx_origin_large_and_keepalive(env):
     assert sha(r.stdout[1000 + (32 << 20):]) == small
 
 
+def assert_nothing_left(lab, procs, port: int) -> dict:
+    """Wait (up to 20 s: the linger, the stats interval) until the splicing instance has
+    no pair and holds no packet and no connection of PORT's listener is open in the
+    proxy (ESTAB, or CLOSE-WAIT: the client closed, the proxy did not); then fail if one
+    is left or the safety net dropped a packet.  Returns the last counters."""
+    deadline = time.monotonic() + 20
+    while True:
+        st = instance_stats("hpx-spliced", time.time())
+        left = [s for s in proxy_sockets(lab) if f" {PROXY}:{port} " in s and s.split()[0] in ("ESTAB", "CLOSE-WAIT")]
+        if (st.get("pairs.active") == 0 and st.get("held.now") == 0 and not left) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert st.get("pairs.active") == 0 and st.get("held.now") == 0, (st.get("held.now"), st["pairs.oldest"])
+    assert st.get("dropped.proxy_socket", 0) == 0, socket_counters(st)
+    detail = lab.run(lab.proxy, "ss", "-tanoie").stdout.decode()
+    assert not left, (left, detail, procs[port].access_lines()[-8:])
+    return st
+
+
+def grew(before: dict, after: dict, key: str) -> int:
+    return after.get(key, 0) - before.get(key, 0)
+
+
 def test_nothing_left_after_requests(env):
     lab, _so, _ngx, procs = env
-    deadline = time.monotonic() + 10     # linger (1 s) and the stats interval
-    while True:
-        with open("/run/nfsplice/hpx-spliced.json") as f:
-            st = json.load(f)
-        if st["pairs.active"] == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert st["pairs.active"] == 0 and st.get("dropped.proxy_socket", 0) == 0, st["pairs.oldest"]
-    deadline = time.monotonic() + 10
-    while True:
-        left = [s for s in proxy_sockets(lab) if ":8080 " in s and "ESTAB" in s]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    detail = lab.run(lab.proxy, "ss", "-tanoie").stdout.decode()
-    assert not left, (left, detail, procs[SPLICED].access_lines()[-8:])
+    assert_nothing_left(lab, procs, SPLICED)
+
+
+@pytest.mark.parametrize("how", ["reset", "close"])
+def test_client_abort_mid_spliced_download_frees_everything(env, how):
+    """A client that goes away in the middle of a spliced download, with bytes unread
+    in its socket (its close sends a RST) or having read all that came while the origin
+    pauses (a FIN; what the origin sends after it meets a closed socket: a RST): the
+    pair ends, nothing is left (pairs, held packets, connections, and no packet dropped
+    by the safety net), and the listener goes on splicing."""
+    lab, so, _ngx, procs = env
+    before = instance_stats("hpx-spliced", time.time())
+    if how == "reset":
+        path = f"/len/{64 << 20}?abort=reset"
+        until = ("recv", 1 << 20)
+    else:
+        k = 1 << 20
+        path = f"/stall/{16 << 20}/{k}/2?abort=close"
+        until = ("until", stream_bytes(32, offset=k - 32))       # the last bytes before the pause
+    req = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    res = raw_exchange(lab, [req, until, ("sleep", 0.3), ("close",)], addr=PROXY, port=SPLICED, idle=2.0)
+    assert res.response().status == 200 and len(res.data) < expected_length(path), res.end
+    line = procs[SPLICED].access_line(f" GET {path} ", timeout=20)
+    assert " spliced " in line, line
+    after = assert_nothing_left(lab, procs, SPLICED)
+    ended = {k: grew(before, after, k) for k in after if k.startswith("pairs.done.") and grew(before, after, k)}
+    assert ended == {"pairs.done.reset": 1} and grew(before, after, "http.spliced") == 1, ended
+    # The next client's body is spliced (the stall keeps it from arriving whole first).
+    r = curl(lab, "-o", "-", f"http://{PROXY}:{SPLICED}/stall/2000003/65536/1?after={how}")
+    assert r.returncode == 0 and sha(r.stdout) == expected_sha256("/stall/2000003/65536/1"), r.stderr
+    assert " spliced " in procs[SPLICED].access_line(f" GET /stall/2000003/65536/1?after={how} ")
 
 
 @pytest.mark.parametrize("port", [SPLICED, COPIED])
