@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -21,6 +22,7 @@ from netns_lab.origins import (BAD_CASES, NginxOrigin, ScriptedOrigin, expected_
                                parse_response, raw_exchange, raw_request, stream_bytes)
 from netns_lab.topology import Lab
 from tests.splicer import REPO, instance_stats, proxy_sockets, raw_rules, socket_counters
+from tests.test_http1 import FIELD_CASES, HEAD_CASES, REQ_START, REQUEST_ONLY
 
 pytestmark = pytest.mark.root
 
@@ -316,15 +318,56 @@ BAD_REQUESTS = {
 }
 
 
+@pytest.mark.parametrize("port", [SPLICED, COPIED])
 @pytest.mark.parametrize("name", sorted(BAD_REQUESTS))
-def test_bad_requests_refused(env, name):
-    lab, so, _ngx, _procs = env
+def test_bad_requests_refused(env, name, port):
+    lab, so, _ngx, procs = env
     req, status = BAD_REQUESTS[name]
-    before = len(so.requests())
-    res = raw_request(lab, req, addr=PROXY, port=SPLICED, idle=2.0)
+    before = len(so.events()), len(procs[port].access_lines())
+    res = raw_request(lab, req, addr=PROXY, port=port, idle=2.0)
     assert res.response().status == status, res.data[:200]
     assert res.end in ("eof", "reset")
-    assert len(so.requests()) == before, "a refused request reached the origin"
+    assert_not_forwarded(so, procs[port], before, 1)
+
+
+def assert_not_forwarded(so, proc, before: tuple[int, int], n: int) -> None:
+    """The N requests refused since BEFORE (origin events, access-log lines) went to no
+    upstream: the origin logged nothing (it logs a request once its body is read, and
+    a head it refuses), and the proxy's N access-log lines name no upstream (the
+    origin's log cannot show a head whose body never came)."""
+    assert so.events()[before[0]:] == [], "a refused request reached the origin"
+    lines = proc.access_lines()[before[1]:]
+    assert len(lines) == n and all(" upstream=- " in l for l in lines), lines
+
+
+# Every bad request head of http1's unit catalogue (tests/test_http1.py), as a whole head.
+REQUEST_CATALOGUE = ([(name, REQ_START + extra + b"\r\n", status) for name, extra, status in FIELD_CASES]
+                     + [(name, head, status) for name, head, status, _response in HEAD_CASES] + REQUEST_ONLY)
+
+
+@pytest.mark.parametrize("port", [SPLICED, COPIED])
+def test_request_catalogue_refused(env, port):
+    """Each case of the catalogue on its own connection: answered with the status the
+    unit test expects of the parser (400; 501 for a coding it does not know, 505 for a
+    version, 414 and 431 for what is too long), the connection closed after it, and not
+    a byte of it forwarded.  (Eight clients at a time: the 101 cases one by one would
+    hold the lab for a minute.)"""
+    lab, so, _ngx, procs = env
+    before = len(so.events()), len(procs[port].access_lines())
+
+    def refused(case):
+        name, head, status = case
+        res = raw_request(lab, head, addr=PROXY, port=port, idle=2.0)
+        try:
+            got = res.response().status
+        except ValueError:
+            got = res.data[:80]
+        return (name, got, res.end) if (got, res.end) not in ((status, "eof"), (status, "reset")) else None
+
+    with ThreadPoolExecutor(8) as pool:
+        wrong = [w for w in pool.map(refused, REQUEST_CATALOGUE) if w is not None]
+    assert not wrong, wrong
+    assert_not_forwarded(so, procs[port], before, len(REQUEST_CATALOGUE))
 
 
 def test_forwarded_head_is_normalised(env):
