@@ -303,6 +303,43 @@ def test_bad_responses(env, case, port):
         assert res.response().status == 502 and res.end in ("eof", "reset"), (res.end, res.data[:300])
 
 
+# The malformed chunked bodies of the response catalogue, as request bodies; and a chunk
+# extension over the limit (http1.Limits.max_chunk_ext, 1024 bytes).
+BAD_CHUNKED_BODIES = {case: BAD_CASES[case].raw.split(b"\r\n\r\n", 1)[1] for case in BAD_IN_BODY}
+BAD_CHUNKED_BODIES["chunk-ext-too-long"] = b"5;" + b"e" * 1100 + b"\r\nhello\r\n0\r\n\r\n"
+# Five valid chunks of 60,000 bytes: past the splice threshold (64 KiB), so on the
+# splicing listener the bad bytes sent after them arrive when the engine has the pair.
+GOOD_CHUNKS = b"".join(b"%x\r\n" % 60000 + stream_bytes(60000, offset=60000 * i) + b"\r\n" for i in range(5))
+
+
+@pytest.mark.parametrize("port", [SPLICED, COPIED])
+@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize("case", sorted(BAD_CHUNKED_BODIES))
+def test_bad_chunked_request_body(env, case, size, port):
+    """A malformed chunked request body, at once or after 300,000 good bytes.  The head
+    went to the origin already (the proxy forwards it before reading the body).  Found
+    by the proxy in what it copies (a small body; any body on the copying listener):
+    400 and the connection closed.  Found by the engine (the rest of a large body is
+    spliced): a RST to both sides, so the client sees a reset and no answer.  Either
+    way the origin never receives a complete-looking body, and nothing is left."""
+    lab, so, _ngx, procs = env
+    target = f"/echo?discard=1&case={case}&size={size}&port={port}"
+    head = f"POST {target} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    before = instance_stats("hpx-spliced", time.time())
+    res = raw_exchange(lab, [head + (GOOD_CHUNKS if size == "large" else b""), ("sleep", 0.5),
+                             BAD_CHUNKED_BODIES[case]], addr=PROXY, port=port, idle=3.0)
+    after = assert_nothing_left(lab, procs, port)
+    if port == SPLICED and size == "large":
+        assert res.end == "reset" and res.data == b"", (res.end, res.data[:300])
+        assert grew(before, after, "pairs.reset_by_engine.chunked_malformed") == 1
+        assert " spliced " in procs[port].access_line(f" POST {target} ")
+    else:
+        assert res.response().status == 400 and res.end in ("eof", "reset"), (res.end, res.data[:300])
+        assert " 400 " in procs[port].access_line(f" POST {target} ")
+    got = [q for q in so.requests() if q["target"] == target]
+    assert all(q["body_length"] is None for q in got), got
+
+
 BAD_REQUESTS = {
     "cl-te": (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
     "obs-fold": (b"GET /len/1 HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n 2\r\n\r\n", 400),
