@@ -123,7 +123,13 @@ def drain(csock: socket.socket, usock: socket.socket, timeout: float, *, limits=
         if time.monotonic() > deadline:
             raise HandoffError(f"sockets not quiescent after {timeout:g} s "
                                f"(unacknowledged {outq(csock)}/{outq(usock)} bytes)")
-        select.select([s for d, (s, _) in enumerate(ends) if not out.finished[d]], [], [], nap)
+        # (poll, not select: a proxy serving a thousand connections has descriptors
+        # above 1023, which select() refuses, "filedescriptor out of range")
+        waiting = select.poll()
+        for d, (s, _) in enumerate(ends):
+            if not out.finished[d]:
+                waiting.register(s, select.POLLIN)
+        waiting.poll(nap * 1000)
         nap = min(nap * 2, 0.005)
 
 

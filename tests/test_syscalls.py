@@ -2,6 +2,8 @@
 Python's poll-before-every-call."""
 from __future__ import annotations
 
+import fcntl
+import resource
 import socket
 import sys
 import threading
@@ -12,14 +14,19 @@ import pytest
 from nfsplice import handoff, syscalls
 
 
-@pytest.fixture
-def pair():
+def connected() -> tuple[socket.socket, socket.socket]:
     lst = socket.socket()
     lst.bind(("127.0.0.1", 0))
     lst.listen(1)
     a = socket.create_connection(lst.getsockname())
     b, _ = lst.accept()
     lst.close()
+    return a, b
+
+
+@pytest.fixture
+def pair():
+    a, b = connected()
     yield a, b
     a.close()
     b.close()
@@ -124,3 +131,36 @@ def test_calls_keep_the_gil(pair):
     # caller usually takes it back before the other thread wakes, so it made a flaky
     # control; measured under load it cost ~1.5 ms a call, module docstring.)
     assert _gil_released(lambda: time.sleep(0.0002), n=50) > 0
+
+
+def test_drain_waits_on_descriptors_above_1023():
+    """A proxy serving a thousand connections hands off sockets numbered above 1023,
+    which select() cannot watch ("filedescriptor out of range in select()": the
+    hand-off failed and the client got a truncated body).  The drain waits on them
+    like on any other and ends as usual: here an upstream socket whose peer takes
+    nothing is never quiescent."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 2048:
+        assert hard == resource.RLIM_INFINITY or hard >= 2048, f"RLIMIT_NOFILE hard limit {hard}: 2048 needed"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+    socks = []
+    try:
+        for s in (*connected(), *connected()):
+            fd = fcntl.fcntl(s.fileno(), fcntl.F_DUPFD, 1500)      # the lowest free one from 1500
+            s.close()
+            socks.append(socket.socket(fileno=fd))
+        csock, _client, usock, _origin = socks
+        usock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            while True:                     # until the origin's window and our send buffer are full
+                usock.send(b"x" * 65536)
+        usock.setblocking(True)
+        assert handoff.outq(usock) > 0 and min(s.fileno() for s in socks) >= 1024
+        t0 = time.monotonic()
+        with pytest.raises(handoff.HandoffError, match="not quiescent"):
+            handoff.drain(csock, usock, 0.3)
+        assert time.monotonic() - t0 >= 0.3
+    finally:
+        for s in socks:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
