@@ -133,12 +133,10 @@ def test_calls_keep_the_gil(pair):
     assert _gil_released(lambda: time.sleep(0.0002), n=50) > 0
 
 
-def test_drain_waits_on_descriptors_above_1023():
-    """A proxy serving a thousand connections hands off sockets numbered above 1023,
-    which select() cannot watch ("filedescriptor out of range in select()": the
-    hand-off failed and the client got a truncated body).  The drain waits on them
-    like on any other and ends as usual: here an upstream socket whose peer takes
-    nothing is never quiescent."""
+@pytest.fixture
+def high_pairs():
+    """Two connected socket pairs ((a, a_peer), (b, b_peer)), every descriptor above
+    1023, as a proxy serving a thousand connections has them."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < 2048:
         assert hard == resource.RLIM_INFINITY or hard >= 2048, f"RLIMIT_NOFILE hard limit {hard}: 2048 needed"
@@ -149,18 +147,58 @@ def test_drain_waits_on_descriptors_above_1023():
             fd = fcntl.fcntl(s.fileno(), fcntl.F_DUPFD, 1500)      # the lowest free one from 1500
             s.close()
             socks.append(socket.socket(fileno=fd))
-        csock, _client, usock, _origin = socks
-        usock.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            while True:                     # until the origin's window and our send buffer are full
-                usock.send(b"x" * 65536)
-        usock.setblocking(True)
-        assert handoff.outq(usock) > 0 and min(s.fileno() for s in socks) >= 1024
-        t0 = time.monotonic()
-        with pytest.raises(handoff.HandoffError, match="not quiescent"):
-            handoff.drain(csock, usock, 0.3)
-        assert time.monotonic() - t0 >= 0.3
+        assert min(s.fileno() for s in socks) >= 1024
+        yield (socks[0], socks[1]), (socks[2], socks[3])
     finally:
         for s in socks:
             s.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_drain_waits_on_descriptors_above_1023(high_pairs):
+    """A proxy serving a thousand connections hands off sockets numbered above 1023,
+    which select() cannot watch ("filedescriptor out of range in select()": the
+    hand-off failed and the client got a truncated body).  The drain waits on them
+    like on any other and ends as usual: here an upstream socket whose peer takes
+    nothing is never quiescent."""
+    (csock, _client), (usock, _origin) = high_pairs
+    usock.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        while True:                     # until the origin's window and our send buffer are full
+            usock.send(b"x" * 65536)
+    usock.setblocking(True)
+    assert handoff.outq(usock) > 0
+    t0 = time.monotonic()
+    with pytest.raises(handoff.HandoffError, match="not quiescent"):
+        handoff.drain(csock, usock, 0.3)
+    assert time.monotonic() - t0 >= 0.3
+
+
+def test_pool_check_and_copied_tunnel_on_descriptors_above_1023(high_pairs):
+    """The HTTP proxy's other waits: the pool's check of an idle connection (select()
+    raised, so every pooled connection looked readable and was dropped) and a copied
+    tunnel (select() raised: the tunnel died)."""
+    from types import SimpleNamespace
+
+    from nfsplice.proxy import http
+    (a, client), (b, origin) = high_pairs
+    assert not http._readable(a)
+    client.sendall(b"x")
+    deadline = time.monotonic() + 5
+    while not http._readable(a):
+        assert time.monotonic() < deadline
+    a.recv(1)
+    proxy = SimpleNamespace(s=SimpleNamespace(timeouts=SimpleNamespace(splice_idle=5.0)))
+    got = []
+    t = threading.Thread(target=lambda: got.append(http.HTTPProxy._relay(
+        proxy, http.Conn(a, "client"), http.Conn(b, "upstream"))))
+    t.start()
+    client.sendall(b"hello")
+    assert origin.recv(100) == b"hello"
+    origin.sendall(b"world!")
+    assert client.recv(100) == b"world!"
+    client.shutdown(socket.SHUT_WR)
+    assert origin.recv(100) == b""
+    origin.shutdown(socket.SHUT_WR)
+    t.join(5)
+    assert got == [(5, 6)]

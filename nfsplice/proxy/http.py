@@ -1205,9 +1205,15 @@ class HTTPProxy:
                 moved[c.sock] += len(c.buf)
                 other.send(c.take(len(c.buf)))
         socks = {a.sock: b, b.sock: a}
+        by_fd = {a.sock.fileno(): a.sock, b.sock.fileno(): b.sock}
         open_ = {a.sock, b.sock}
+        # poll(), not select(): under many connections a descriptor is above 1023,
+        # which select() refuses.
+        poller = select.poll()
+        for s in open_:
+            poller.register(s, select.POLLIN)
         while open_:
-            r, _, _ = select.select(list(open_), [], [], self.s.timeouts.splice_idle)
+            r = [by_fd[fd] for fd, _ev in poller.poll(self.s.timeouts.splice_idle * 1000)]
             if not r:
                 break
             for s in r:
@@ -1220,6 +1226,7 @@ class HTTPProxy:
                     return moved[a.sock], moved[b.sock]
                 if not data:
                     open_.discard(s)
+                    poller.unregister(s)
                     try:
                         socks[s].sock.shutdown(socket.SHUT_WR)
                     except OSError:
@@ -1813,9 +1820,11 @@ def _resolve(host: str) -> str:
 
 
 def _readable(sock: socket.socket) -> bool:
-    """Data or EOF waiting, without blocking."""
+    """Data or EOF waiting, without blocking (poll: the descriptor may be above 1023)."""
     try:
-        return bool(select.select([sock], [], [], 0)[0])
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
 
