@@ -165,6 +165,7 @@ def test_stalled_heads_closed_after_the_header_timeout(env):
     a normal client is served at once meanwhile."""
     lab, _so, proc = env
     n, mute = 220, 20
+    before = stats()
     slow = lab.popen(lab.client, sys.executable, "-c", SLOWLORIS, PROXY, str(MAIN), str(n), str(HEADER + 4),
                      str(mute), stdout=subprocess.PIPE)
     try:
@@ -178,6 +179,7 @@ def test_stalled_heads_closed_after_the_header_timeout(env):
     assert {(how, got) for _t, how, got in ends} == {("eof", 0)}, ends
     times = sorted(t for t, _how, _got in ends)
     assert HEADER - 0.05 <= times[0] and times[-1] <= HEADER + 1.5, (times[0], times[-1])
+    assert delta(before, stats(), "http.header_timeouts") == {"http.header_timeouts": n}
 
 
 # -- 2. the keep-alive timeout --------------------------------------------------------------------
@@ -187,6 +189,7 @@ def test_idle_keepalive_connection_closed_after_the_keepalive_timeout(env):
     KEEPALIVE s later, not before."""
     lab, _so, _proc = env
     pause = (HEADER + KEEPALIVE) / 2
+    before = stats()
     res = raw_exchange(lab, [get("/len/10"), ("until", stream_bytes(10)), ("sleep", pause), get("/len/20"),
                              ("until", stream_bytes(20))], addr=PROXY, port=MAIN, idle=KEEPALIVE + 4)
     first = res.response()
@@ -195,6 +198,8 @@ def test_idle_keepalive_connection_closed_after_the_keepalive_timeout(env):
     assert res.data.endswith(stream_bytes(20)) and res.end == "eof", (res.end, res.data[-100:])
     idle = res.elapsed - res.marks[4][0]          # since the second response was complete
     assert KEEPALIVE - 0.05 <= idle <= KEEPALIVE + 1.0, idle
+    assert delta(before, stats(), "http.idle_timeouts", "http.header_timeouts") == \
+        {"http.idle_timeouts": 1, "http.header_timeouts": 0}
 
 
 # -- 3. upstream connect and response timeouts --------------------------------------------------

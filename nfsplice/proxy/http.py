@@ -816,11 +816,18 @@ class HTTPProxy:
                 if client.buf:
                     raise HTTPError(400, "connection closed inside the request head")
                 raise _Closed("client closed")
+            # A new connection's first head, or one begun, within the header timeout; a
+            # kept-alive connection's next one within the idle timeout.
+            which = "http.header_timeouts" if first or deadline is not None else "http.idle_timeouts"
             left = wait if deadline is None else deadline - time.monotonic()
             if left <= 0:
-                self.counters["http.header_timeouts"] += 1
+                self.counters[which] += 1
                 raise _Closed("request head timeout")
-            client.fill(left)
+            try:
+                client.fill(left)
+            except _Timeout:
+                self.counters[which] += 1
+                raise
 
     def _upstream_for(self, req: http1.Request) -> tuple[str, int] | None:
         """Where REQ goes: None for a reverse proxy (its upstreams take turns), else the
