@@ -230,12 +230,14 @@ class Exchange:
     upstream_ms: float = 0.0
     started: float = field(default_factory=time.monotonic)
     deferred: bool = False      # the line is written when the engine forgets the pair (`forget`)
+    cut: int | None = None      # a spliced message that ended early: the bytes the engine forwarded
 
     def line(self) -> str:
         total = (time.monotonic() - self.started) * 1000
         return (f"{self.client} {self.method} {self.target} {self.status} {self.bytes_in} {self.bytes_out} "
                 f"{self.mode} cache={self.cache} upstream={self.upstream} upstream_ms={self.upstream_ms:.1f} "
-                f"total_ms={total:.1f}")
+                f"total_ms={total:.1f}" + (" aborted (the spliced message ended early)" if self.cut is not None
+                                           else ""))
 
 
 class Upstreams:
@@ -1288,7 +1290,7 @@ class HTTPProxy:
             return "copied"
         handed = self._handoff(client, up, limits=(0, remaining), ex=ex, resume=resume, tap=fill)
         if remaining is not None:
-            ex.bytes_out += remaining
+            ex.bytes_out += remaining if ex.cut is None else ex.cut
         return handed
 
     def _splices_chunked(self, client: Conn, keep: bool) -> bool:
@@ -1378,6 +1380,8 @@ class HTTPProxy:
         handed = self._handoff(client, up, limits=(length - n, 0), ex=ex, resume=True, upload=True)
         if handed == "copied":
             ex.mode = "copied"
+        if ex.cut is not None:
+            ex.bytes_in -= length - n - ex.cut
         return handed
 
     def _chunked_request(self, client: Conn, up: Conn, ex: Exchange):
@@ -1471,7 +1475,12 @@ class HTTPProxy:
             pass
         self.waiters.pop(id(pair), None)
         if not pair.resuming:
-            return True                 # it ended instead (FIN, RST, timeout): forgotten
+            # It ended instead (FIN, RST, timeout): forgotten.  Unless every message end
+            # was acknowledged first, the message was cut: its line says so, with the
+            # bytes the engine forwarded.
+            if ex is not None and pair.message_done is None:
+                ex.cut = Engine.forwarded_length(pair, C2S if upload else S2C)
+            return True
         return self._resume(pair, client, up, (cloc, cpeer), (uloc, upeer), keep_upstream=upload)
 
     def _resume(self, pair: Pair, client: Conn, up: Conn, a_addr, b_addr, keep_upstream: bool = False):
