@@ -16,10 +16,10 @@ import time
 
 import pytest
 
-from netns_lab.origins import NginxOrigin, ScriptedOrigin, raw_exchange
+from netns_lab.origins import NginxOrigin, ScriptedOrigin, raw_exchange, stream_sha256
 from netns_lab.topology import Lab
 from tests.splicer import instance_stats, socket_counters
-from tests.test_http_proxy import PROXY, HTTPProxyProc, curl, sha, stop_all
+from tests.test_http_proxy import PROXY, HTTPProxyProc, access_fields, curl, sha, stop_all
 
 pytestmark = pytest.mark.root
 
@@ -260,3 +260,116 @@ def test_chunked_upload_exact_then_pipelined_request(env, port, size):
     assert got[0]["chunked"] and got[0]["body_length"] == size
     line = procs[port].access_line(" POST /echo?discard=1 ")
     assert " spliced " in line or (size < 1 << 20 and " copied " in line), line
+
+
+# -- the copying listener (--no-splice) beside a splicing one ---------------------------------
+def chunked_wire(body: bytes, trailer: bool) -> bytes:
+    """BODY chunked (sizes 1, 7, 4096, 65536, 300001 in turn, an extension on each),
+    ended by a last-chunk with an X-Sum trailer (its sha256) or none."""
+    out, pos, i = bytearray(), 0, 0
+    while pos < len(body):
+        n = min((1, 7, 4096, 65536, 300001)[i % 5], len(body) - pos)
+        out += b"%x;i=%d\r\n" % (n, i) + body[pos:pos + n] + b"\r\n"
+        pos, i = pos + n, i + 1
+    return bytes(out) + b"0\r\n" + (b"X-Sum: %s\r\n" % sha(body).encode() if trailer else b"") + b"\r\n"
+
+
+@pytest.mark.parametrize("port", [FAST, COPIED])
+@pytest.mark.parametrize("trailer", [False, True], ids=["plain", "trailer"])
+@pytest.mark.parametrize("size", [1000, 100000, 3 << 20])
+def test_chunked_upload_spliced_and_copied(env, port, trailer, size):
+    """A chunked request body, small or long enough to be spliced on FAST, with or
+    without a trailer: the origin gets the body, its chunked framing and the trailer
+    exactly (the X-Body-SHA256 it answers and its own log), on both listeners."""
+    lab, so, _ngx, procs = env
+    body = hashlib.shake_256(b"chunked-both-%d" % size).digest(size)
+    target = f"/echo?discard=1&case=chunked-{port}-{size}-{int(trailer)}"
+    req = (f"POST {target} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+           + chunked_wire(body, trailer))
+    res = raw_exchange(lab, [req, ("until", b"\r\n\r\n"), ("close",)], addr=PROXY, port=port, idle=5.0)
+    resp = res.response()
+    assert resp.status == 200 and resp.get("x-body-sha256") == sha(body), res.data[:300]
+    assert resp.get("x-body-length") == str(size) and resp.get("x-request-chunked") == "1", resp.headers
+    got = [q for q in so.requests() if q["target"] == target]
+    assert [(q["chunked"], q["body_length"], q["body_sha256"]) for q in got] == [(True, size, sha(body))], got
+    assert got[0]["trailers"] == ([["X-Sum", sha(body)]] if trailer else []), got[0]["trailers"]
+    line = procs[port].access_line(f" POST {target} ")
+    mode = access_fields(line)["mode"]
+    if port == COPIED or size < 65536:
+        assert mode == "copied", line
+    elif size >= 1 << 20:
+        assert mode == "spliced", line
+
+
+@pytest.mark.parametrize("port", [FAST, COPIED])
+def test_expect_continue_upload_spliced_and_copied(env, port):
+    """Expect: 100-continue, and the origin sends its 100: the proxy passes it on at
+    once (curl would otherwise wait its 20 s before sending), the body arrives whole."""
+    lab, so, _ngx, procs = env
+    path, digest = body_file(3 << 20, 13)
+    target = f"/echo?discard=1&case=expect-{port}"
+    t0 = time.monotonic()
+    head = upload(lab, port, path, "-H", "Expect: 100-continue", "--expect100-timeout", "20", target=target)
+    took = time.monotonic() - t0
+    assert head.startswith("http/1.1 100 continue") and f"x-body-sha256: {digest}" in head, head
+    assert took < 10, took
+    got = [q for q in so.requests() if q["target"] == target]
+    assert [(q["body_length"], q["body_sha256"], q["sent_100"]) for q in got] == [(3 << 20, digest, 1)], got
+    line = procs[port].access_line(f" POST {target} ")
+    assert access_fields(line)["status"] == 200, line
+    assert access_fields(line)["mode"] == ("copied" if port == COPIED else "spliced"), line
+
+
+@pytest.mark.parametrize("port", [FAST, COPIED])
+def test_expect_continue_refused_before_the_body(env, port):
+    """Expect: 100-continue, and the origin answers 417 without reading the body: the
+    client gets the 417 at once (not after its 20 s wait) and sends no body; the origin
+    read none; the listener goes on serving."""
+    lab, so, _ngx, procs = env
+    path, _digest = body_file(4 << 20, 14)
+    target = f"/expect?reject=1&case=reject-{port}"
+    t0 = time.monotonic()
+    r = curl(lab, "-o", "/dev/null", "-w", "%{http_code} %{size_upload}", "-H", "Expect: 100-continue",
+             "--expect100-timeout", "20", "--data-binary", f"@{path}", f"http://{PROXY}:{port}{target}")
+    took = time.monotonic() - t0
+    assert r.returncode == 0 and r.stdout == b"417 0", (r.stdout, r.stderr)
+    assert took < 10, took
+    got = [q for q in so.requests() if q["target"] == target]
+    assert [(q["body_read"], q["body_length"]) for q in got] == [(False, None)], got
+    f = access_fields(procs[port].access_line(f" POST {target} "))
+    assert (f["status"], f["in"]) == (417, 0), f
+    path, digest = body_file(500000, 15)
+    assert f"x-body-sha256: {digest}" in upload(lab, port, path)
+
+
+@pytest.mark.parametrize("port", [FAST, COPIED])
+def test_downloads_and_upload_with_loss(env, port):
+    """1 % of the (MSS-sized) packets dropped in every namespace: a Content-Length and a
+    chunked response of 4 MiB, and a 4 MiB upload, all exact, through each listener."""
+    lab, so, _ngx, procs = env
+    n = 4 << 20
+    chunked = f"/chunked/{n}/20000?mix=5&ext=1&trailer=1&case=loss-{port}"
+    path, digest = body_file(n, 16)
+    target = f"/echo?discard=1&case=loss-{port}"
+    lab.set_segmentation(True)
+    try:
+        for ns in (lab.client, lab.proxy, lab.origin):
+            lab.set_loss(ns, 1)
+        r = curl(lab, "-o", "-", f"http://{PROXY}:{port}/len/{n}?case=loss-{port}",
+                 "-o", "-", f"http://{PROXY}:{port}{chunked}", timeout=120)
+        head = upload(lab, port, path, target=target)
+        drops = sum(lab.loss_drops(ns) for ns in (lab.client, lab.proxy, lab.origin))
+    finally:
+        for ns in (lab.client, lab.proxy, lab.origin):
+            lab.set_loss(ns, 0)
+        lab.set_segmentation(False)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout) == 2 * n, len(r.stdout)
+    assert sha(r.stdout[:n]) == stream_sha256(n) and sha(r.stdout[n:]) == stream_sha256(n)
+    assert f"x-body-sha256: {digest}" in head, head
+    got = [q for q in so.requests() if q["target"] == target]
+    assert [(q["body_length"], q["body_sha256"]) for q in got] == [(n, digest)], got
+    assert drops > 0, "the loss rule dropped nothing"
+    if port == COPIED:
+        for needle in (f" GET /len/{n}?case=loss-{port} ", f" GET {chunked} ", f" POST {target} "):
+            assert " copied " in procs[port].access_line(needle)
