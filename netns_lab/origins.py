@@ -75,7 +75,10 @@ body gets "100 Continue" before the origin reads the body (not with ?ignore_expe
 
 Each request is logged to a JSON-lines file before the answer is sent (`requests()`):
 conn, seq, peer, method, target, version, headers (order and case kept), head (raw,
-latin-1), body_length, body_sha256, chunked, trailers.
+latin-1), body_length, body_sha256, chunked, trailers.  That entry is written once the
+body was read; an event "head" (conn, seq, peer, method, target, chunked, content_length)
+is written as soon as a request head is parsed, before its body (`heads()`): a request
+whose body never arrives leaves that trace only.
 
 `expected_sha256(path)` gives the sha256 of the body bytes the scripted origin sends
 for a path; `raw_exchange` / `raw_request` talk to a server with plain sockets from a
@@ -611,6 +614,10 @@ class _Conn:
                         break
                     self.seq += 1
                     req = self.parse_head(head)
+                    self.server.record({"event": "head", "time": time.time(), "conn": self.cid, "seq": self.seq,
+                                        "peer": self.peer, "method": req.method, "target": req.target,
+                                        "chunked": req.chunked,
+                                        "content_length": None if req.chunked else req.length})
                 except _Bad as e:
                     self.server.record({"event": "bad-request", "conn": self.cid, "seq": self.seq,
                                         "peer": self.peer, "error": str(e)})
@@ -1277,7 +1284,7 @@ class ScriptedOrigin(_Served):
                 "--log", str(self.log_path), "--idle-timeout", str(self.idle_timeout)]
 
     def events(self) -> list[dict]:
-        """Every log entry: requests, bad requests, half-close reads."""
+        """Every log entry: request heads, requests, bad requests, half-close reads."""
         try:
             text = self.log_path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -1287,6 +1294,10 @@ class ScriptedOrigin(_Served):
     def requests(self) -> list[dict]:
         """The requests received so far, in order (logged before each answer is sent)."""
         return [e for e in self.events() if e["event"] == "request"]
+
+    def heads(self) -> list[dict]:
+        """The request heads parsed so far (logged before each body is read)."""
+        return [e for e in self.events() if e["event"] == "head"]
 
     def wait_event(self, pred, timeout: float = 3.0) -> dict:
         """The first log entry for which PRED is true, waiting up to TIMEOUT."""

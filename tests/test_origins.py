@@ -423,3 +423,22 @@ def test_bad_request_gets_400(lab, so):
     r = O.raw_request(lab, b"GET /len/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 1, 2\r\n\r\n")
     assert r.response().status == 400 and r.end == "eof"
     assert so.wait_event(lambda e: e["event"] == "bad-request" and "Content-Length" in e["error"])
+
+
+@pytest.mark.root
+def test_head_logged_before_the_body(lab, so):
+    """A request head is logged ("head") as soon as it is parsed: a body that never
+    arrives leaves that trace only; a whole request is logged head first."""
+    target = "/echo?discard=1&case=head-only"
+    head = f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n".encode()
+    O.raw_exchange(lab, [head + b"x" * 10, ("sleep", 0.3), ("close",)])
+    e = so.wait_event(lambda e: e["event"] == "head" and e["target"] == target)
+    assert (e["method"], e["seq"], e["chunked"], e["content_length"]) == ("POST", 1, False, 1000), e
+    assert [q for q in so.requests() if q["target"] == target] == []
+    target = "/echo?discard=1&case=head-then-request"
+    r = O.raw_request(lab, O.request_bytes("POST", target, body=b"hello", chunked=True, close=True))
+    assert r.response().status == 200
+    mine = [(e["event"], e["conn"], e["seq"]) for e in so.events() if e.get("target") == target]
+    conn = mine[0][1]
+    assert mine == [("head", conn, 1), ("request", conn, 1)], mine
+    assert [h["chunked"] for h in so.heads() if h["target"] == target] == [True]
