@@ -120,19 +120,25 @@ def test_upload_with_expect_continue(env, port):
     assert " spliced " in procs[port].access_line(" POST /expect ")
 
 
+@pytest.mark.parametrize("client_wait", [1, 30])
 @pytest.mark.parametrize("port", [FAST, COPIED])
-def test_expect_continue_ignored_by_the_origin(env, port):
+def test_expect_continue_ignored_by_the_origin(env, port, client_wait):
     """The origin ignores Expect: 100-continue and waits for the body (as many servers
-    do): the proxy waits for its 100 only a moment, then forwards the body curl sends
-    after its own wait (1 s).  The body arrives whole, long before the response
-    timeout (60 s) would end the request with a 504."""
+    do): the proxy waits for its 100 only a moment, then tells the client to go on
+    with a 100 of its own, so a client that would wait long for one (curl's
+    --expect100-timeout) sends the body at once.  The body arrives whole, long before
+    the response timeout (60 s) would end the request with a 504 or the head timeout
+    (10 s) the client's connection."""
     lab, so, _ngx, procs = env
     path, digest = body_file(1 << 20, 12)
-    target = f"/echo?discard=1&ignore_expect=1&port={port}"
+    target = f"/echo?discard=1&ignore_expect=1&port={port}&wait={client_wait}"
     t0 = time.monotonic()
-    head = upload(lab, port, path, "-H", "Expect: 100-continue", "--expect100-timeout", "1", target=target)
+    head = upload(lab, port, path, "-H", "Expect: 100-continue", "--expect100-timeout", str(client_wait),
+                  target=target)
     took = time.monotonic() - t0
-    assert head.startswith("http/1.1 200") and f"x-body-sha256: {digest}" in head, head
+    assert "\nhttp/1.1 200" in "\n" + head and f"x-body-sha256: {digest}" in head, head
+    if client_wait > 10:
+        assert head.startswith("http/1.1 100 continue"), head      # the proxy's: the origin sent none
     got = [q for q in so.requests() if q["target"] == target]
     assert [(q["body_length"], q["body_sha256"], q["sent_100"]) for q in got] == [(1 << 20, digest, 0)], got
     assert took < 10, took

@@ -98,8 +98,9 @@ SO_RCVBUFFORCE = 33     # asm-generic/socket.h (CAP_NET_ADMIN: beyond net.core.r
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})   # RFC 9110 9.2.2
 # How long a request with Expect: 100-continue waits for the origin's 100 (or a final
 # answer) before its body goes on anyway: many origins ignore the expectation and wait
-# for the body, and a client SHOULD NOT wait indefinitely (RFC 9110 10.1.1).  curl's
-# default (--expect100-timeout).
+# for the body.  The proxy then sends the client a 100 of its own, as RFC 9110 10.1.1
+# lets a proxy do for an origin that does not answer one (a client may wait long for
+# it: curl's --expect100-timeout, 1 s by default, is the client's to set).
 EXPECT_WAIT = 1.0
 
 
@@ -937,21 +938,25 @@ class HTTPProxy:
         resp = None
         if http1.expects_continue(req) and framing != ("none",):
             # 100 Continue, or a final answer, or (None) neither within EXPECT_WAIT: the
-            # body goes on, when the client sends it (no 100 is made up for it: curl
-            # sends after its own wait, 1 s; the origin's late 100 is forwarded below).
+            # body goes on, and the client is told so with a 100 of ours (EXPECT_WAIT;
+            # the origin's own late 100 is forwarded below like any interim answer).
             # Other interim answers (102, 103 Early Hints) are passed on and the wait
             # goes on: only a final answer (or a 101) means the body is not wanted.
             until = time.monotonic() + EXPECT_WAIT
+            continued = False
             while True:
                 resp = self._read_response(up, req, wait=max(0.0, until - time.monotonic()))
                 if resp is None or not 100 <= resp.status < 200 or resp.status == 101:
                     break
                 client.send(http1.forwarding_head(resp, via=self.s.via))
                 if resp.status == 100:
-                    resp = None
+                    resp, continued = None, True
                     break
             if resp is not None:
                 framing = ("unread",)
+            elif not continued:
+                client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.counters["http.expect_100_sent"] += 1
         if framing[0] == "length" and self._splices_upload(framing[1]):
             handed = self._splice_request(client, up, ex, framing[1])
             if handed is True:          # the pair ended in the engine (a reset, a close)
