@@ -87,7 +87,8 @@ def test_origin_stalling_mid_body_leaves_client_truncated(quick, port):
     line = procs[port].access_line(f"/stall/{BIG}/100000/{stall:g}?p={port}", timeout=10)
     assert (" spliced" if port == QUICK_SPLICED else " copied") in line, line
     if port == QUICK_SPLICED:
-        assert st.get("pairs.reset_by_engine.inactivity", 0) >= 1, {k: v for k, v in st.items() if "reset" in k or "forgot" in k}
+        assert st.get("pairs.reset_by_engine.inactivity", 0) >= 1, \
+            {k: v for k, v in st.items() if "reset" in k or "forgot" in k}
 
 
 @pytest.mark.parametrize("port", [SPLICED, COPIED])
