@@ -11,6 +11,7 @@ also when the body raised.  `cleanup(prefix)` removes leftovers of a killed run.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from dataclasses import dataclass
@@ -149,6 +150,24 @@ class Lab:
         hits single segments rather than whole 64 KiB GSO bursts; False restores GSO."""
         for ns, dev in self.veths():
             self.ip(ns, "link", "set", "dev", dev, "gso_max_segs", "1" if mss_sized else "65535")
+
+    @contextlib.contextmanager
+    def lossy(self, percent: int = 1, mss_sized: bool = True):
+        """PERCENT % loss in every namespace (on MSS-sized packets unless MSS_SIZED is
+        False, see set_segmentation), undone on leaving, also on a failure.  Yields a
+        function that counts the packets dropped so far."""
+        nss = (self.client, self.proxy, self.origin)
+        if mss_sized:
+            self.set_segmentation(True)
+        try:
+            for ns in nss:
+                self.set_loss(ns, percent)
+            yield lambda: sum(self.loss_drops(ns) for ns in nss)
+        finally:
+            for ns in nss:
+                self.set_loss(ns, 0)
+            if mss_sized:
+                self.set_segmentation(False)
 
     def loss_drops(self, ns: str) -> int:
         """Packets the loss rule of NS dropped so far."""

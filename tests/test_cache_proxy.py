@@ -186,19 +186,12 @@ def test_tap_equals_forward_with_loss(env):
     out-of-order segments, the tap stores each byte once, and the stored object is
     exactly what the origin sent (the hit's sha256)."""
     lab, so, procs = env
-    lab.set_segmentation(True)
-    try:
-        for ns in (lab.client, lab.proxy, lab.origin):
-            lab.set_loss(ns, 1)
+    with lab.lossy(1) as dropped:
         url = q("/len/4194304", "loss", cc="max-age=300")
         first = fetch(lab, MAIN, url)
         assert first.rc == 0 and sha(first.body) == expected_sha256("/len/4194304"), first.stderr
         assert " spliced " in procs[MAIN].nth_line(f" GET {url} ", 1)
-        drops = sum(lab.loss_drops(ns) for ns in (lab.client, lab.proxy, lab.origin))
-    finally:
-        for ns in (lab.client, lab.proxy, lab.origin):
-            lab.set_loss(ns, 0)
-        lab.set_segmentation(False)
+        drops = dropped()
     assert drops > 0, "the loss rule dropped nothing"
     second = fetch(lab, MAIN, url)
     assert second.cache_status.startswith("nfsplice; hit"), (second.headers, procs[MAIN].text())

@@ -140,17 +140,10 @@ def test_chunked_with_loss(env, port):
     lab, _so, _ngx, _procs = env
     path = f"/chunked/{5 * MIB}/20000?mix=5&ext=1&trailer=1"
     before = stats(port, time.time())
-    lab.set_segmentation(True)
-    try:
-        for ns in (lab.client, lab.proxy, lab.origin):
-            lab.set_loss(ns, 1)
+    with lab.lossy(1) as dropped:
         r = curl(lab, "-w", "%{num_connects}", "-o", "-", f"http://{PROXY}:{port}{path}",
                  "-o", "-", f"http://{PROXY}:{port}/len/1234", timeout=120)
-        drops = sum(lab.loss_drops(ns) for ns in (lab.client, lab.proxy, lab.origin))
-    finally:
-        for ns in (lab.client, lab.proxy, lab.origin):
-            lab.set_loss(ns, 0)
-        lab.set_segmentation(False)
+        drops = dropped()
     assert r.returncode == 0, r.stderr
     n = 5 * MIB
     assert sha(r.stdout[:n]) == stream_sha256(n)

@@ -190,16 +190,11 @@ def test_upload_with_loss(env, port):
     retransmits, the body arrives whole, the response after it."""
     lab, _so, _ngx, _procs = env
     path, digest = body_file(8 << 20, 8)
-    try:
-        for ns in (lab.client, lab.proxy, lab.origin):
-            lab.set_loss(ns, 1)
+    with lab.lossy(1, mss_sized=False) as dropped:
         for i in range(2):
             head = upload(lab, port, path, "-H", f"X-Round: {i}")
             assert f"x-body-sha256: {digest}" in head, head
-        drops = sum(lab.loss_drops(ns) for ns in (lab.client, lab.proxy, lab.origin))
-    finally:
-        for ns in (lab.client, lab.proxy, lab.origin):
-            lab.set_loss(ns, 0)
+        drops = dropped()
     assert drops > 0, "the loss rule dropped nothing"
 
 
@@ -357,18 +352,11 @@ def test_downloads_and_upload_with_loss(env, port):
     chunked = f"/chunked/{n}/20000?mix=5&ext=1&trailer=1&case=loss-{port}"
     path, digest = body_file(n, 16)
     target = f"/echo?discard=1&case=loss-{port}"
-    lab.set_segmentation(True)
-    try:
-        for ns in (lab.client, lab.proxy, lab.origin):
-            lab.set_loss(ns, 1)
+    with lab.lossy(1) as dropped:
         r = curl(lab, "-o", "-", f"http://{PROXY}:{port}/len/{n}?case=loss-{port}",
                  "-o", "-", f"http://{PROXY}:{port}{chunked}", timeout=120)
         head = upload(lab, port, path, target=target)
-        drops = sum(lab.loss_drops(ns) for ns in (lab.client, lab.proxy, lab.origin))
-    finally:
-        for ns in (lab.client, lab.proxy, lab.origin):
-            lab.set_loss(ns, 0)
-        lab.set_segmentation(False)
+        drops = dropped()
     assert r.returncode == 0, r.stderr
     assert len(r.stdout) == 2 * n, len(r.stdout)
     assert sha(r.stdout[:n]) == stream_sha256(n) and sha(r.stdout[n:]) == stream_sha256(n)
