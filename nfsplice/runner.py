@@ -45,7 +45,7 @@ class Runner:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.stats_interval = stats_interval
-        self.stats_path = os.path.join(stats_dir, f"{instance}.json")
+        self.stats_path = stats_path(instance, stats_dir)
         self.started = time.time()
         self.verdict_errors = 0
         self.raw: socket.socket | None = None
@@ -418,6 +418,11 @@ class Runner:
         self.stop.set()
         for t in getattr(self, "threads", []):
             t.join(5)
+
+
+def stats_path(instance: str, stats_dir: str = STATS_DIR) -> str:
+    """Where INSTANCE's counters go (`nfsplice stats` reads them)."""
+    return os.path.join(stats_dir, f"{instance}.json")
 
 
 def write_stats_file(path: str, stats: dict) -> None:

@@ -262,8 +262,8 @@ def _serve_plain(args, proxy, instance: str, listen: str, what: str) -> int:
     """The copying proxy alone (no queue, engine or rules); its counters go to the
     instance's stats file every second and at the end, like a runner's."""
     import time
-    from .runner import STATS_DIR, write_stats_file
-    path = os.path.join(STATS_DIR, f"{instance}.json")
+    from .runner import stats_path, write_stats_file
+    path = stats_path(instance)
     started = time.time()
 
     def write_stats() -> None:

@@ -232,13 +232,13 @@ class Exchange:
     started: float = field(default_factory=time.monotonic)
     deferred: bool = False      # the line is written when the engine forgets the pair (`forget`)
     cut: int | None = None      # a spliced message that ended early: the bytes the engine forwarded
+    aborted: str | None = None  # why the message was cut short (the line says "aborted (why)")
 
     def line(self) -> str:
         total = (time.monotonic() - self.started) * 1000
         return (f"{self.client} {self.method} {self.target} {self.status} {self.bytes_in} {self.bytes_out} "
                 f"{self.mode} cache={self.cache} upstream={self.upstream} upstream_ms={self.upstream_ms:.1f} "
-                f"total_ms={total:.1f}" + (" aborted (the spliced message ended early)" if self.cut is not None
-                                           else ""))
+                f"total_ms={total:.1f}" + (f" aborted ({self.aborted})" if self.aborted else ""))
 
 
 class Upstreams:
@@ -461,7 +461,8 @@ class HTTPProxy:
                     else:
                         # The head went out already: end with a reset, so the client
                         # cannot take what it got for a complete message.
-                        access.info(ex.line() + f" aborted ({e.reason})")
+                        ex.aborted = e.reason
+                        access.info(ex.line())
                         _abort(client.sock)
                     return
                 except _Upstream as e:
@@ -472,7 +473,8 @@ class HTTPProxy:
                         # Headers already went out: the client must see a truncated
                         # message, never a complete-looking one.
                         ex.bytes_out += e.copied
-                        access.info(ex.line() + f" aborted ({e.reason})")
+                        ex.aborted = e.reason
+                        access.info(ex.line())
                         _abort(client.sock)
                     return
                 if not ex.deferred:
@@ -1188,7 +1190,8 @@ class HTTPProxy:
             handed = self._tunnel(client, up, ex)
         except _Closed as e:
             self._drop(up)
-            access.info(ex.line() + f" aborted ({e})")
+            ex.aborted = str(e)
+            access.info(ex.line())
             raise
         if not handed:
             self._drop(up)
@@ -1485,6 +1488,7 @@ class HTTPProxy:
             # bytes the engine forwarded.
             if ex is not None and pair.message_done is None:
                 ex.cut = Engine.forwarded_length(pair, C2S if upload else S2C)
+                ex.aborted = "the spliced message ended early"
             return True
         return self._resume(pair, client, up, (cloc, cpeer), (uloc, upeer), keep_upstream=upload)
 
@@ -1584,14 +1588,14 @@ class HTTPProxy:
         end: their bytes from the hand-off on as the engine saw them.  One that did not
         end with a FIN (a reset, the splice's idle timeout) was cut: aborted, as a copy
         cut by the upstream would be."""
-        cut = False
         for d in until_fin:
-            cut = cut or Engine.stream_length(pair, d) is None
+            if Engine.stream_length(pair, d) is None:
+                ex.aborted = "the splice ended without a FIN"
             if d == S2C:
                 ex.bytes_out += Engine.forwarded_length(pair, d)
             else:
                 ex.bytes_in += Engine.forwarded_length(pair, d)
-        access.info(ex.line() + (" aborted (the splice ended without a FIN)" if cut else ""))
+        access.info(ex.line())
 
     # -- errors ----------------------------------------------------------------------------------
     def _refuse(self, client: Conn, ex: Exchange, status: int, reason: str) -> None:
